@@ -1,0 +1,623 @@
+//! The event envelope, every header name, and the owned message types that cross the
+//! transport/service boundary. Nothing here knows about rdkafka.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+
+/// The dedupe key, written by the producer and kept on every hop.
+pub const HEADER_MESSAGE_ID: &str = "message-id";
+/// Failed attempts so far (1 on the first retry).
+pub const HEADER_ATTEMPT: &str = "courier-attempt";
+/// Epoch milliseconds before which a retry message must not be processed.
+pub const HEADER_DUE_AT_MS: &str = "courier-due-at-ms";
+/// Topic where the message was first consumed.
+pub const HEADER_ORIGINAL_TOPIC: &str = "courier-original-topic";
+/// Partition where the message was first consumed.
+pub const HEADER_ORIGINAL_PARTITION: &str = "courier-original-partition";
+/// Offset where the message was first consumed.
+pub const HEADER_ORIGINAL_OFFSET: &str = "courier-original-offset";
+/// Kafka timestamp of the message where it was first consumed.
+pub const HEADER_ORIGINAL_TIMESTAMP_MS: &str = "courier-original-timestamp-ms";
+/// The consumer group whose retry chain this message belongs to.
+pub const HEADER_CONSUMER_GROUP: &str = "courier-consumer-group";
+/// `retryable`, `fatal` or `exhausted`.
+pub const HEADER_ERROR_KIND: &str = "courier-error-kind";
+/// The last error, UTF-8, at most [`MAX_ERROR_MESSAGE_BYTES`].
+pub const HEADER_ERROR_MESSAGE: &str = "courier-error-message";
+/// Epoch milliseconds of the last failure.
+pub const HEADER_FAILED_AT_MS: &str = "courier-failed-at-ms";
+/// Set by `courier dlq replay`: dedupe lets a replayed message through once.
+pub const HEADER_REPLAYED_AT_MS: &str = "courier-replayed-at-ms";
+
+/// Every header courier owns starts with this prefix; they are replaced on each hop.
+pub const COURIER_HEADER_PREFIX: &str = "courier-";
+/// The longest error message written to `courier-error-message`.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
+/// A courier header value longer than this is treated as malformed (absent).
+pub const MAX_COURIER_HEADER_BYTES: usize = 1024;
+
+/// Kafka message headers in their original order. A value may be null (`None`).
+pub type Headers = Vec<(String, Option<Vec<u8>>)>;
+
+/// One Kafka message, owned, as the service layer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Topic it was read from.
+    pub topic: String,
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+    /// Message key, byte for byte.
+    pub key: Option<Vec<u8>>,
+    /// Message value, byte for byte.
+    pub payload: Option<Vec<u8>>,
+    /// All headers, user and courier, in order.
+    pub headers: Headers,
+    /// Kafka timestamp (create or log-append time), epoch milliseconds.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Delivery {
+    /// The first value of header `name`, if present and non-null.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        header_value(&self.headers, name)
+    }
+
+    /// The `message-id` header as UTF-8 text, if present, non-empty and valid.
+    pub fn message_id(&self) -> Option<&str> {
+        self.header(HEADER_MESSAGE_ID)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The courier headers of this message, parsed leniently.
+    pub fn courier_headers(&self) -> CourierHeaders {
+        CourierHeaders::parse(&self.headers)
+    }
+}
+
+/// The first value of header `name` in `headers`, if present and non-null.
+pub fn header_value<'a>(headers: &'a Headers, name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.as_deref())
+}
+
+/// A record to publish: what the service layer hands to a [`crate::service::Publisher`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Explicit partition; `None` lets the partitioner choose by key.
+    pub partition: Option<i32>,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Message value.
+    pub payload: Option<Vec<u8>>,
+    /// Headers, in order.
+    pub headers: Headers,
+}
+
+/// Where the broker stored a published record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Partition the record landed in.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+}
+
+/// Why a message failed, as written to `courier-error-kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Failed, will be retried.
+    Retryable,
+    /// Failed permanently; sent to the DLQ at once.
+    Fatal,
+    /// Failed on every retry level; sent to the DLQ.
+    Exhausted,
+}
+
+impl ErrorKind {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Retryable => "retryable",
+            ErrorKind::Fatal => "fatal",
+            ErrorKind::Exhausted => "exhausted",
+        }
+    }
+
+    /// Parses a header value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "retryable" => Some(ErrorKind::Retryable),
+            "fatal" => Some(ErrorKind::Fatal),
+            "exhausted" => Some(ErrorKind::Exhausted),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// courier's headers of one message. A malformed value (not UTF-8, not a number, too long)
+/// is treated as absent and its name listed in `malformed`, never an error.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CourierHeaders {
+    /// `courier-attempt`.
+    pub attempt: Option<u32>,
+    /// `courier-due-at-ms`.
+    pub due_at_ms: Option<i64>,
+    /// `courier-original-topic`.
+    pub original_topic: Option<String>,
+    /// `courier-original-partition`.
+    pub original_partition: Option<i32>,
+    /// `courier-original-offset`.
+    pub original_offset: Option<i64>,
+    /// `courier-original-timestamp-ms`.
+    pub original_timestamp_ms: Option<i64>,
+    /// `courier-consumer-group`.
+    pub consumer_group: Option<String>,
+    /// `courier-error-kind`.
+    pub error_kind: Option<ErrorKind>,
+    /// `courier-error-message`.
+    pub error_message: Option<String>,
+    /// `courier-failed-at-ms`.
+    pub failed_at_ms: Option<i64>,
+    /// `courier-replayed-at-ms`.
+    pub replayed_at_ms: Option<i64>,
+    /// Names of courier headers whose values were present but malformed.
+    pub malformed: Vec<&'static str>,
+}
+
+impl CourierHeaders {
+    /// Parses the courier headers out of `headers`, leniently.
+    pub fn parse(headers: &Headers) -> Self {
+        let mut out = CourierHeaders::default();
+        let mut text = |name: &'static str, max: usize| -> Option<String> {
+            let raw = header_value(headers, name)?;
+            match std::str::from_utf8(raw) {
+                Ok(s) if raw.len() <= max => Some(s.to_owned()),
+                _ => {
+                    out.malformed.push(name);
+                    None
+                }
+            }
+        };
+        let attempt = text(HEADER_ATTEMPT, 32);
+        let due = text(HEADER_DUE_AT_MS, 32);
+        let otopic = text(HEADER_ORIGINAL_TOPIC, 255);
+        let opart = text(HEADER_ORIGINAL_PARTITION, 32);
+        let ooff = text(HEADER_ORIGINAL_OFFSET, 32);
+        let ots = text(HEADER_ORIGINAL_TIMESTAMP_MS, 32);
+        let group = text(HEADER_CONSUMER_GROUP, 255);
+        let kind = text(HEADER_ERROR_KIND, 32);
+        let emsg = text(HEADER_ERROR_MESSAGE, MAX_COURIER_HEADER_BYTES);
+        let failed = text(HEADER_FAILED_AT_MS, 32);
+        let replayed = text(HEADER_REPLAYED_AT_MS, 32);
+        let mut num = |name: &'static str, v: Option<String>| -> Option<i64> {
+            let v = v?;
+            match v.trim().parse::<i64>() {
+                Ok(n) if n >= 0 => Some(n),
+                _ => {
+                    out.malformed.push(name);
+                    None
+                }
+            }
+        };
+        out.attempt = num(HEADER_ATTEMPT, attempt).and_then(|n| u32::try_from(n).ok());
+        out.due_at_ms = num(HEADER_DUE_AT_MS, due);
+        out.original_partition =
+            num(HEADER_ORIGINAL_PARTITION, opart).and_then(|n| i32::try_from(n).ok());
+        out.original_offset = num(HEADER_ORIGINAL_OFFSET, ooff);
+        out.original_timestamp_ms = num(HEADER_ORIGINAL_TIMESTAMP_MS, ots);
+        out.failed_at_ms = num(HEADER_FAILED_AT_MS, failed);
+        out.replayed_at_ms = num(HEADER_REPLAYED_AT_MS, replayed);
+        out.original_topic = otopic.filter(|s| !s.is_empty());
+        out.consumer_group = group.filter(|s| !s.is_empty());
+        out.error_message = emsg;
+        out.error_kind = match kind {
+            Some(k) => {
+                let parsed = ErrorKind::parse(&k);
+                if parsed.is_none() {
+                    out.malformed.push(HEADER_ERROR_KIND);
+                }
+                parsed
+            }
+            None => None,
+        };
+        out
+    }
+}
+
+/// What a failed message's next hop (retry topic or DLQ) carries in courier headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureHop<'a> {
+    /// Destination topic (a retry topic or the DLQ).
+    pub topic: &'a str,
+    /// Failed attempts so far, including this one.
+    pub attempt: u32,
+    /// Due time for a retry hop; `None` on the DLQ.
+    pub due_at_ms: Option<i64>,
+    /// The consumer group whose chain this is.
+    pub group: &'a str,
+    /// Why it failed.
+    pub kind: ErrorKind,
+    /// The error text (truncated to [`MAX_ERROR_MESSAGE_BYTES`]).
+    pub message: &'a str,
+    /// When it failed, epoch milliseconds.
+    pub failed_at_ms: i64,
+}
+
+/// Builds the record that carries `delivery` to its next hop: the original key, payload and
+/// user headers byte for byte, courier's headers replaced (never appended). The
+/// `courier-original-*` headers are kept from an earlier hop, or set from `delivery` at
+/// the first failure; `courier-replayed-at-ms` is kept.
+pub fn failure_record(delivery: &Delivery, hop: &FailureHop<'_>) -> OutgoingRecord {
+    let old = delivery.courier_headers();
+    let mut headers: Headers = delivery
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(COURIER_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    let mut put = |k: &str, v: String| headers.push((k.to_owned(), Some(v.into_bytes())));
+    put(HEADER_ATTEMPT, hop.attempt.to_string());
+    if let Some(due) = hop.due_at_ms {
+        put(HEADER_DUE_AT_MS, due.to_string());
+    }
+    // The original position is a unit: keep it only when the earlier hop recorded it whole.
+    let original = match (
+        old.original_topic.clone(),
+        old.original_partition,
+        old.original_offset,
+    ) {
+        (Some(t), Some(p), Some(o)) => (t, p, o, old.original_timestamp_ms),
+        _ => (
+            delivery.topic.clone(),
+            delivery.partition,
+            delivery.offset,
+            delivery.timestamp_ms,
+        ),
+    };
+    put(HEADER_ORIGINAL_TOPIC, original.0);
+    put(HEADER_ORIGINAL_PARTITION, original.1.to_string());
+    put(HEADER_ORIGINAL_OFFSET, original.2.to_string());
+    if let Some(ts) = original.3 {
+        put(HEADER_ORIGINAL_TIMESTAMP_MS, ts.to_string());
+    }
+    put(HEADER_CONSUMER_GROUP, hop.group.to_owned());
+    put(HEADER_ERROR_KIND, hop.kind.as_str().to_owned());
+    put(
+        HEADER_ERROR_MESSAGE,
+        truncate_utf8(hop.message, MAX_ERROR_MESSAGE_BYTES).to_owned(),
+    );
+    put(HEADER_FAILED_AT_MS, hop.failed_at_ms.to_string());
+    if let Some(r) = old.replayed_at_ms {
+        put(HEADER_REPLAYED_AT_MS, r.to_string());
+    }
+    OutgoingRecord {
+        topic: hop.topic.to_owned(),
+        partition: None,
+        key: delivery.key.clone(),
+        payload: delivery.payload.clone(),
+        headers,
+    }
+}
+
+/// The longest prefix of `s` that is at most `max` bytes and ends on a char boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Epoch milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Why an ingest envelope was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The event is not a JSON object.
+    #[error("an event must be a JSON object")]
+    NotAnObject,
+    /// `type` is missing.
+    #[error("field `type` is required")]
+    MissingType,
+    /// A field has the wrong JSON type or an invalid value.
+    #[error("field `{field}` {problem}")]
+    InvalidField {
+        /// Field name.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+}
+
+/// Longest accepted `id`, `type` or `key`, in bytes.
+pub const MAX_ENVELOPE_FIELD_BYTES: usize = 256;
+
+/// A validated ingest event: the published JSON value and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The event id (`message-id` header).
+    pub id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The partition key (its `key`, else its id).
+    pub key: String,
+    /// Explicit partition, if the event named one.
+    pub partition: Option<i32>,
+    /// The full envelope object as published (with `id` filled in).
+    pub body: Map<String, Value>,
+}
+
+impl Envelope {
+    /// Validates one event of an ingest request. Fills in a UUIDv7 `id` when absent.
+    ///
+    /// # Errors
+    /// [`EnvelopeError`] naming the field that is missing or wrong.
+    pub fn from_value(value: Value) -> Result<Self, EnvelopeError> {
+        let Value::Object(mut body) = value else {
+            return Err(EnvelopeError::NotAnObject);
+        };
+        let event_type = match body.get("type") {
+            None | Some(Value::Null) => return Err(EnvelopeError::MissingType),
+            Some(Value::String(s)) if s.is_empty() => return Err(invalid("type", "is empty")),
+            Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
+                return Err(invalid("type", "is longer than 256 bytes"))
+            }
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(invalid("type", "must be a string")),
+        };
+        let id = match body.get("id") {
+            None | Some(Value::Null) => {
+                let id = uuid::Uuid::now_v7().to_string();
+                body.insert("id".into(), Value::String(id.clone()));
+                id
+            }
+            Some(Value::String(s)) if s.is_empty() => return Err(invalid("id", "is empty")),
+            Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
+                return Err(invalid("id", "is longer than 256 bytes"))
+            }
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(invalid("id", "must be a string")),
+        };
+        let key = match body.get("key") {
+            None | Some(Value::Null) => id.clone(),
+            Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
+                return Err(invalid("key", "is longer than 256 bytes"))
+            }
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(invalid("key", "must be a string")),
+        };
+        for field in ["source"] {
+            if let Some(v) = body.get(field) {
+                if !v.is_string() && !v.is_null() {
+                    return Err(invalid("source", "must be a string"));
+                }
+            }
+        }
+        for field in ["time", "timestamp"] {
+            match body.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) => {
+                    if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .is_err()
+                    {
+                        return Err(invalid(
+                            if field == "time" { "time" } else { "timestamp" },
+                            "must be an RFC 3339 date-time",
+                        ));
+                    }
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        if field == "time" { "time" } else { "timestamp" },
+                        "must be an RFC 3339 date-time string",
+                    ))
+                }
+            }
+        }
+        let partition = match body.get("partition") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(p) if (0..=i32::MAX as i64).contains(&p) => Some(p as i32),
+                _ => return Err(invalid("partition", "must be a non-negative integer")),
+            },
+            Some(_) => return Err(invalid("partition", "must be a non-negative integer")),
+        };
+        Ok(Envelope {
+            id,
+            event_type,
+            key,
+            partition,
+            body,
+        })
+    }
+
+    /// The record that publishes this event to `topic`.
+    pub fn to_record(&self, topic: &str) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: topic.to_owned(),
+            partition: self.partition,
+            key: Some(self.key.clone().into_bytes()),
+            // Serializing a Map of Values cannot fail.
+            payload: Some(serde_json::to_vec(&self.body).unwrap_or_default()),
+            headers: vec![(
+                HEADER_MESSAGE_ID.to_owned(),
+                Some(self.id.clone().into_bytes()),
+            )],
+        }
+    }
+}
+
+fn invalid(field: &'static str, problem: &'static str) -> EnvelopeError {
+    EnvelopeError::InvalidField { field, problem }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn delivery(headers: Headers) -> Delivery {
+        Delivery {
+            topic: "events".into(),
+            partition: 2,
+            offset: 41,
+            key: Some(b"k\xff".to_vec()),
+            payload: Some(b"\x00payload".to_vec()),
+            headers,
+            timestamp_ms: Some(1_700_000_000_000),
+        }
+    }
+
+    fn h(k: &str, v: &str) -> (String, Option<Vec<u8>>) {
+        (k.to_owned(), Some(v.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn envelope_fills_id_and_defaults_key_to_id() {
+        let env = Envelope::from_value(json!({"type": "order_created", "data": {"a": 1}})).unwrap();
+        assert_eq!(env.key, env.id);
+        assert_eq!(uuid::Uuid::parse_str(&env.id).unwrap().get_version_num(), 7);
+        assert_eq!(env.body["id"], json!(env.id));
+        let rec = env.to_record("events");
+        assert_eq!(rec.headers, vec![h(HEADER_MESSAGE_ID, &env.id)]);
+        assert_eq!(rec.key.as_deref(), Some(env.id.as_bytes()));
+    }
+
+    #[test]
+    fn envelope_keeps_given_id_key_partition() {
+        let env = Envelope::from_value(
+            json!({"id": "a1", "type": "t", "key": "cust-7", "partition": 3, "timestamp": "2024-01-02T03:04:05Z"}),
+        )
+        .unwrap();
+        assert_eq!((env.id.as_str(), env.key.as_str(), env.partition), ("a1", "cust-7", Some(3)));
+    }
+
+    #[test]
+    fn envelope_rejects_bad_fields() {
+        let cases = [
+            (json!([1]), EnvelopeError::NotAnObject),
+            (json!({"id": "x"}), EnvelopeError::MissingType),
+            (json!({"type": 5}), invalid("type", "must be a string")),
+            (json!({"type": ""}), invalid("type", "is empty")),
+            (json!({"type": "t", "id": 5}), invalid("id", "must be a string")),
+            (json!({"type": "t", "key": []}), invalid("key", "must be a string")),
+            (json!({"type": "t", "time": "yesterday"}), invalid("time", "must be an RFC 3339 date-time")),
+            (json!({"type": "t", "partition": -1}), invalid("partition", "must be a non-negative integer")),
+            (json!({"type": "t", "source": 1}), invalid("source", "must be a string")),
+        ];
+        for (value, want) in cases {
+            assert_eq!(Envelope::from_value(value.clone()).unwrap_err(), want, "{value}");
+        }
+    }
+
+    #[test]
+    fn courier_headers_malformed_values_are_absent() {
+        let d = delivery(vec![
+            h(HEADER_ATTEMPT, "two"),
+            h(HEADER_DUE_AT_MS, "253402300799000"),
+            (HEADER_CONSUMER_GROUP.into(), Some(vec![0xff, 0xfe])),
+            h(HEADER_ERROR_KIND, "weird"),
+            h(HEADER_ORIGINAL_OFFSET, "-4"),
+        ]);
+        let c = d.courier_headers();
+        assert_eq!(c.attempt, None);
+        assert_eq!(c.due_at_ms, Some(253_402_300_799_000));
+        assert_eq!(c.consumer_group, None);
+        assert_eq!(c.error_kind, None);
+        assert_eq!(c.original_offset, None);
+        assert_eq!(c.malformed.len(), 4, "{:?}", c.malformed);
+    }
+
+    #[test]
+    fn failure_record_keeps_user_data_and_replaces_courier_headers() {
+        let d = delivery(vec![
+            h("traceparent", "00-abc"),
+            h(HEADER_MESSAGE_ID, "m1"),
+            h(HEADER_ATTEMPT, "1"),
+            h(HEADER_ORIGINAL_TOPIC, "orders"),
+            h(HEADER_ORIGINAL_PARTITION, "7"),
+            h(HEADER_ORIGINAL_OFFSET, "99"),
+            h("courier-unknown", "x"),
+            ("null-header".into(), None),
+        ]);
+        let long = "é".repeat(400);
+        let rec = failure_record(
+            &d,
+            &FailureHop {
+                topic: "events-retry-2",
+                attempt: 2,
+                due_at_ms: Some(5000),
+                group: "g",
+                kind: ErrorKind::Retryable,
+                message: &long,
+                failed_at_ms: 4000,
+            },
+        );
+        assert_eq!(rec.key, d.key);
+        assert_eq!(rec.payload, d.payload);
+        assert_eq!(&rec.headers[..3], &[h("traceparent", "00-abc"), h(HEADER_MESSAGE_ID, "m1"), ("null-header".into(), None)]);
+        let ch = CourierHeaders::parse(&rec.headers);
+        assert_eq!(ch.attempt, Some(2));
+        assert_eq!(ch.due_at_ms, Some(5000));
+        assert_eq!(ch.original_topic.as_deref(), Some("orders"));
+        assert_eq!(ch.original_partition, Some(7));
+        assert_eq!(ch.original_offset, Some(99));
+        assert_eq!(ch.consumer_group.as_deref(), Some("g"));
+        assert!(ch.error_message.unwrap().len() <= MAX_ERROR_MESSAGE_BYTES);
+        let attempts = rec.headers.iter().filter(|(k, _)| k == HEADER_ATTEMPT).count();
+        assert_eq!(attempts, 1, "courier headers are replaced, not appended");
+        assert!(!rec.headers.iter().any(|(k, _)| k == "courier-unknown"));
+    }
+
+    #[test]
+    fn failure_record_sets_original_position_on_first_failure() {
+        let d = delivery(vec![h(HEADER_MESSAGE_ID, "m1")]);
+        let rec = failure_record(
+            &d,
+            &FailureHop {
+                topic: "events-dlq",
+                attempt: 1,
+                due_at_ms: None,
+                group: "g",
+                kind: ErrorKind::Fatal,
+                message: "bad",
+                failed_at_ms: 1,
+            },
+        );
+        let ch = CourierHeaders::parse(&rec.headers);
+        assert_eq!(ch.original_topic.as_deref(), Some("events"));
+        assert_eq!((ch.original_partition, ch.original_offset), (Some(2), Some(41)));
+        assert_eq!(ch.original_timestamp_ms, Some(1_700_000_000_000));
+        assert_eq!(ch.due_at_ms, None);
+        assert_eq!(ch.error_kind, Some(ErrorKind::Fatal));
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate_utf8("aé", 2), "a");
+        assert_eq!(truncate_utf8("abc", 5), "abc");
+    }
+}

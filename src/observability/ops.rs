@@ -1,0 +1,140 @@
+//! The ops HTTP server: `/metrics`, `/healthz` (liveness, never depends on Kafka) and
+//! `/readyz` (readiness: the broker answers, and for the consumer, the group is joined).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::Metrics;
+
+/// What readiness depends on, shared between the health checker, the consumer and the ops
+/// server.
+#[derive(Debug)]
+pub struct Readiness {
+    broker_up: AtomicBool,
+    needs_group: bool,
+    group_joined: AtomicBool,
+    consecutive_failures: AtomicU64,
+    last_error: Mutex<String>,
+    metrics: Metrics,
+}
+
+impl Readiness {
+    /// A readiness state; `needs_group` for the consumer, which is ready only once it has
+    /// joined its group.
+    pub fn new(metrics: Metrics, needs_group: bool) -> Arc<Self> {
+        Arc::new(Readiness {
+            broker_up: AtomicBool::new(false),
+            needs_group,
+            group_joined: AtomicBool::new(false),
+            consecutive_failures: AtomicU64::new(0),
+            last_error: Mutex::new("the broker has not been probed yet".into()),
+            metrics,
+        })
+    }
+
+    /// Records a successful broker probe.
+    pub fn broker_ok(&self) {
+        self.broker_up.store(true, Ordering::SeqCst);
+        self.consecutive_failures.store(0, Ordering::SeqCst);
+        self.metrics.broker_up.set(1);
+    }
+
+    /// Records a failed broker probe; returns the consecutive failure count.
+    pub fn broker_failed(&self, reason: &str) -> u64 {
+        self.broker_up.store(false, Ordering::SeqCst);
+        *self.last_error.lock() = reason.to_owned();
+        self.metrics.broker_up.set(0);
+        self.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Whether the last probe reached the broker.
+    pub fn is_broker_up(&self) -> bool {
+        self.broker_up.load(Ordering::SeqCst)
+    }
+
+    /// Sets whether the consumer currently holds a group membership.
+    pub fn set_group_joined(&self, joined: bool) {
+        self.group_joined.store(joined, Ordering::SeqCst);
+    }
+
+    /// `Ok` when ready, else the reason.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.is_broker_up() {
+            let failures = self.consecutive_failures.load(Ordering::SeqCst);
+            return Err(format!(
+                "broker unreachable ({failures} consecutive failed probes): {}",
+                self.last_error.lock()
+            ));
+        }
+        if self.needs_group && !self.group_joined.load(Ordering::SeqCst) {
+            return Err("the consumer has not joined its group yet".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct OpsState {
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+}
+
+/// The ops router (exposed for tests).
+pub fn router(metrics: Metrics, readiness: Arc<Readiness>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .with_state(OpsState { metrics, readiness })
+}
+
+async fn metrics_handler(State(s): State<OpsState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
+    match s.readiness.check() {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "reason": reason})),
+        ),
+    }
+}
+
+/// Binds the ops server on `addr` and serves it until `shutdown` is cancelled. Returns the
+/// bound address (port 0 picks a free port) and the task serving it.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve_ops(
+    addr: SocketAddr,
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("OPS_ADDR={addr}: cannot listen: {e}"))
+    })?;
+    let local = listener.local_addr()?;
+    let app = router(metrics, readiness);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok((local, task))
+}

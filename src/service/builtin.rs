@@ -1,0 +1,1 @@
+//! The built-in processors: `log` and `http`.

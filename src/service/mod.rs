@@ -1,0 +1,11 @@
+//! Processing logic, free of rdkafka types: the processor trait and built-ins, outcome
+//! routing, the dedupe store, the offset tracker, the worker pool and the producer's ingest.
+
+pub mod builtin;
+pub mod dedupe;
+pub mod offsets;
+pub mod processor;
+pub mod publish;
+
+pub use processor::{ProcessError, Processor};
+pub use publish::{PublishError, PublishFailure, Publisher};

@@ -1,0 +1,1 @@
+//! The per-partition offset tracker: the commit point is the lowest unfinished offset.

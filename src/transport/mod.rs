@@ -1,0 +1,14 @@
+//! The only code that touches rdkafka: client settings, the publisher, the health checker,
+//! topic administration, the consumer driver and the dev broker.
+
+pub mod admin;
+
+pub mod dev_broker;
+pub mod health;
+pub mod publisher;
+pub mod settings;
+
+pub use admin::TopicAdmin;
+pub use dev_broker::DevBroker;
+pub use health::HealthChecker;
+pub use publisher::KafkaPublisher;
