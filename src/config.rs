@@ -70,6 +70,7 @@ vars![
     ("PROCESSOR_HTTP_TIMEOUT_MS", "processor.http_timeout_ms", "time limit of one http processor request"),
     ("HTTP_ADDR", "http.addr", "the producer's ingest API address"),
     ("HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "largest accepted request body (413 above)"),
+    ("HTTP_MAX_BATCH_EVENTS", "http.max_batch_events", "most events in one ingest request (413 above)"),
     ("HTTP_REQUEST_TIMEOUT_MS", "http.request_timeout_ms", "ingest request deadline, broker acknowledgement included (503 after)"),
     ("OPS_ADDR", "ops.addr", "address of /metrics, /healthz and /readyz"),
     ("HEALTH_PROBE_INTERVAL_MS", "health.probe_interval_ms", "how often the broker is probed with a metadata request"),
@@ -180,7 +181,7 @@ impl<'de> Deserialize<'de> for List {
 }
 
 /// The merged configuration before validation: exactly the TOML file's shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     /// `[kafka]`.
@@ -283,6 +284,7 @@ pub struct RawProcessor {
 pub struct RawHttp {
     pub addr: Text,
     pub max_body_bytes: i64,
+    pub max_batch_events: i64,
     pub request_timeout_ms: i64,
 }
 
@@ -401,6 +403,7 @@ impl Default for RawHttp {
         RawHttp {
             addr: t("0.0.0.0:8080"),
             max_body_bytes: 1_048_576,
+            max_batch_events: 1000,
             request_timeout_ms: 10_000,
         }
     }
@@ -433,20 +436,6 @@ impl Default for RawLog {
     }
 }
 
-impl Default for RawConfig {
-    fn default() -> Self {
-        RawConfig {
-            kafka: RawKafka::default(),
-            dedupe: RawDedupe::default(),
-            processor: RawProcessor::default(),
-            http: RawHttp::default(),
-            ops: RawOps::default(),
-            health: RawHealth::default(),
-            log: RawLog::default(),
-            rdkafka: BTreeMap::new(),
-        }
-    }
-}
 
 /// A configuration error: one line naming the variable, the value and what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -661,6 +650,8 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     /// `HTTP_MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
+    /// `HTTP_MAX_BATCH_EVENTS`.
+    pub max_batch_events: usize,
     /// `HTTP_REQUEST_TIMEOUT_MS`.
     pub request_timeout: Duration,
 }
@@ -874,7 +865,11 @@ fn describe_figment_error(err: figment::Error) -> ConfigError {
             format!("{name}={value}: expected {}", friendly_expected(expected))
         }
         Kind::UnknownField(field, _) => {
-            let full = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+            let full = if err.path.last() == Some(field) || key.is_empty() {
+                if key.is_empty() { field.clone() } else { key.clone() }
+            } else {
+                format!("{key}.{field}")
+            };
             format!("unknown configuration key `{full}` (see config/courier.toml for every key)")
         }
         other => format!("{name}: {other}"),
@@ -1122,6 +1117,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let http = HttpConfig {
         addr: http_addr,
         max_body_bytes: c.range("http.max_body_bytes", raw.http.max_body_bytes, 64, 1_073_741_824) as usize,
+        max_batch_events: c.range("http.max_batch_events", raw.http.max_batch_events, 1, 100_000) as usize,
         request_timeout: c.ms("http.request_timeout_ms", raw.http.request_timeout_ms, 1, 3_600_000),
     };
     let health = HealthConfig {

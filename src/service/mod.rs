@@ -3,9 +3,14 @@
 
 pub mod builtin;
 pub mod dedupe;
+pub mod generator;
+pub mod ingest;
 pub mod offsets;
+pub mod pipeline;
 pub mod processor;
 pub mod publish;
+pub mod source;
+pub mod worker;
 
 pub use processor::{ProcessError, Processor};
 pub use publish::{PublishError, PublishFailure, Publisher};

@@ -2,6 +2,7 @@
 //! topic administration, the consumer driver and the dev broker.
 
 pub mod admin;
+pub mod consumer;
 
 pub mod dev_broker;
 pub mod health;

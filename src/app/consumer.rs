@@ -1,0 +1,96 @@
+//! `courier consumer`: the consumer driver, the pipeline with its worker lanes, dedupe, the
+//! retry/DLQ publisher, health checking and the ops server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::observability::{serve_ops, Metrics, Readiness};
+use crate::service::builtin::build_processor;
+use crate::service::dedupe::{DedupeStore, MemoryDedupe};
+use crate::service::pipeline::{self, PipelineConfig, Summary};
+use crate::service::worker::WorkerContext;
+use crate::service::{Processor, Publisher};
+use crate::transport::{consumer, HealthChecker, KafkaPublisher};
+
+/// What a caller may inject (tests and the demo); defaults come from the configuration.
+#[derive(Default)]
+pub struct ConsumerOptions {
+    /// Use this processor instead of `COURIER_PROCESSOR`'s.
+    pub processor: Option<Arc<dyn Processor>>,
+    /// Use these metrics (to read them from the caller).
+    pub metrics: Option<Metrics>,
+}
+
+impl std::fmt::Debug for ConsumerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsumerOptions")
+    }
+}
+
+/// A started consumer.
+#[derive(Debug)]
+pub struct RunningConsumer {
+    /// The ops server's bound address.
+    pub ops_addr: SocketAddr,
+    /// Its metrics.
+    pub metrics: Metrics,
+    /// Finishes after shutdown with the per-partition summary.
+    pub done: tokio::task::JoinHandle<Summary>,
+}
+
+/// Starts the consumer; it runs until `shutdown` is cancelled.
+///
+/// # Errors
+/// When a client cannot be created, the processor is misconfigured or the ops address
+/// cannot be bound.
+pub async fn start(config: Config, opts: ConsumerOptions, shutdown: CancellationToken) -> anyhow::Result<RunningConsumer> {
+    let metrics = opts.metrics.unwrap_or_default();
+    let readiness = Readiness::new(metrics.clone(), true);
+    let processor = match opts.processor {
+        Some(p) => p,
+        None => build_processor(&config.processor).map_err(|e| anyhow::anyhow!(e))?,
+    };
+    crate::app::auto_create_topics(&config).await;
+    let kafka = Arc::new(KafkaPublisher::new(&config, metrics.clone())?);
+    let health = HealthChecker::start(&config, readiness.clone(), Some(kafka.clone()))?;
+    let publisher: Arc<dyn Publisher> = kafka;
+    let ops_shutdown = CancellationToken::new();
+    let (ops_addr, ops_task) = serve_ops(config.ops_addr, metrics.clone(), readiness.clone(), ops_shutdown.clone()).await?;
+    let dedupe: Arc<dyn DedupeStore> = Arc::new(MemoryDedupe::new(config.dedupe.ttl, config.dedupe.capacity));
+    let ctx = Arc::new(WorkerContext {
+        processor,
+        publisher: publisher.clone(),
+        dedupe,
+        retry: config.retry.clone(),
+        retry_max: config.consumer.retry_max,
+        group: config.consumer.group_id.clone(),
+        metrics: metrics.clone(),
+        abort: CancellationToken::new(),
+        publish_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+    });
+    let longest_delay = config.retry.backoff.iter().max().copied().unwrap_or_default();
+    let cfg = PipelineConfig {
+        workers: config.consumer.workers,
+        max_in_flight: config.consumer.max_in_flight,
+        commit_interval: config.consumer.commit_interval,
+        shutdown_timeout: config.consumer.shutdown_timeout,
+        max_due_ahead: longest_delay.max(Duration::from_secs(3600)) + Duration::from_secs(60),
+    };
+    let driver = consumer::start(&config, metrics.clone(), readiness.clone())?;
+    tracing::info!(ops = %ops_addr, group = %config.consumer.group_id, topics = ?config.consumer.topics, workers = cfg.workers, max_in_flight = cfg.max_in_flight, brokers = %config.kafka.brokers, "The consumer is running.");
+    let flush_timeout = config.producer.flush_timeout;
+    let done = tokio::spawn(async move {
+        let control: Arc<dyn crate::service::source::ConsumerControl> = driver.control;
+        let summary = pipeline::run(cfg, ctx, control, driver.events, driver.deliveries, shutdown).await;
+        publisher.flush(flush_timeout).await;
+        health.stop();
+        ops_shutdown.cancel();
+        let _ = ops_task.await;
+        summary
+    });
+    Ok(RunningConsumer { ops_addr, metrics, done })
+}

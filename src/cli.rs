@@ -1,0 +1,116 @@
+//! The command line: one library call per subcommand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::{self, consumer::ConsumerOptions, producer::ProducerOptions};
+use crate::config::{parse_duration, Config};
+use crate::service::generator::{parse_types, GeneratorConfig};
+
+/// courier: Kafka producer and consumer services with retry topics, a dead-letter topic
+/// and dedupe by message-id. Configured by environment variables (see README.md).
+#[derive(Debug, Parser)]
+#[command(name = "courier", version, about)]
+pub struct Cli {
+    /// A TOML configuration file (also COURIER_CONFIG); environment variables override it.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The producer service: HTTP ingest API and an optional event generator.
+    Producer {
+        /// Generate seed-style events too.
+        #[arg(long)]
+        generate: bool,
+        /// Events per second of the generator.
+        #[arg(long, default_value_t = 100.0, value_name = "N")]
+        rate: f64,
+        /// Stop after this many generated events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Event types, comma-separated.
+        #[arg(long, default_value = "order_created,payment_received,notification_sent")]
+        types: String,
+    },
+    /// The consumer service: worker pool, retry topics, DLQ and dedupe.
+    Consumer,
+    /// Topic provisioning.
+    Topics {
+        /// create or list.
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// An in-memory Kafka-protocol broker for local runs and tests (keeps nothing on disk).
+    DevBroker {
+        /// Also write the bootstrap address to this file.
+        #[arg(long, value_name = "PATH")]
+        bootstrap_file: Option<PathBuf>,
+    },
+    /// Print the effective configuration as TOML, secrets redacted.
+    Config,
+}
+
+/// `courier topics` actions.
+#[derive(Debug, Subcommand)]
+pub enum TopicsAction {
+    /// Create the source, retry and DLQ topics (existing ones are fine).
+    Create,
+    /// List topics with their partition counts.
+    List,
+}
+
+/// Parses `--duration`-style arguments.
+pub fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    Ok(Config::load(cli.config.as_deref())?)
+}
+
+/// Runs the parsed command line. Returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = load(&cli)?;
+    crate::observability::logging::init(&config.log, std::io::stderr);
+    match cli.command {
+        Command::Config => {
+            app::tools::print_config(&config, &mut std::io::stdout())?;
+        }
+        Command::Topics { action: TopicsAction::Create } => app::tools::topics_create(&config, &mut std::io::stdout()).await?,
+        Command::Topics { action: TopicsAction::List } => app::tools::topics_list(&config, &mut std::io::stdout()).await?,
+        Command::DevBroker { bootstrap_file } => {
+            let shutdown = app::shutdown_on_signals();
+            app::tools::dev_broker(&config, bootstrap_file.as_deref(), shutdown).await?;
+        }
+        Command::Producer { generate, rate, count, types } => {
+            if !(rate > 0.0 && rate.is_finite()) {
+                anyhow::bail!("--rate={rate}: expected a positive number of events per second");
+            }
+            let generate = if generate {
+                Some(GeneratorConfig { topic: config.producer.topic.clone(), rate, count, types: parse_types(&types).map_err(anyhow::Error::msg)?, duplicate_share: 0.0, max_pending: 10_000 })
+            } else {
+                None
+            };
+            let shutdown = app::shutdown_on_signals();
+            let running = app::producer::start(config, ProducerOptions { generate }, shutdown).await?;
+            let unflushed = running.done.await?;
+            if unflushed > 0 {
+                anyhow::bail!("{unflushed} messages were not acknowledged before the flush deadline");
+            }
+        }
+        Command::Consumer => {
+            let shutdown = app::shutdown_on_signals();
+            let running = app::consumer::start(config, ConsumerOptions::default(), shutdown).await?;
+            running.done.await?;
+        }
+    }
+    Ok(())
+}
