@@ -37,7 +37,10 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
         /// Event types, comma-separated.
-        #[arg(long, default_value = "order_created,payment_received,notification_sent")]
+        #[arg(
+            long,
+            default_value = "order_created,payment_received,notification_sent"
+        )]
         types: String,
     },
     /// The consumer service: worker pool, retry topics, DLQ and dedupe.
@@ -84,31 +87,51 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config => {
             app::tools::print_config(&config, &mut std::io::stdout())?;
         }
-        Command::Topics { action: TopicsAction::Create } => app::tools::topics_create(&config, &mut std::io::stdout()).await?,
-        Command::Topics { action: TopicsAction::List } => app::tools::topics_list(&config, &mut std::io::stdout()).await?,
+        Command::Topics {
+            action: TopicsAction::Create,
+        } => app::tools::topics_create(&config, &mut std::io::stdout()).await?,
+        Command::Topics {
+            action: TopicsAction::List,
+        } => app::tools::topics_list(&config, &mut std::io::stdout()).await?,
         Command::DevBroker { bootstrap_file } => {
             let shutdown = app::shutdown_on_signals();
             app::tools::dev_broker(&config, bootstrap_file.as_deref(), shutdown).await?;
         }
-        Command::Producer { generate, rate, count, types } => {
+        Command::Producer {
+            generate,
+            rate,
+            count,
+            types,
+        } => {
             if !(rate > 0.0 && rate.is_finite()) {
                 anyhow::bail!("--rate={rate}: expected a positive number of events per second");
             }
             let generate = if generate {
-                Some(GeneratorConfig { topic: config.producer.topic.clone(), rate, count, types: parse_types(&types).map_err(anyhow::Error::msg)?, duplicate_share: 0.0, max_pending: 10_000 })
+                Some(GeneratorConfig {
+                    topic: config.producer.topic.clone(),
+                    rate,
+                    count,
+                    types: parse_types(&types).map_err(anyhow::Error::msg)?,
+                    duplicate_share: 0.0,
+                    max_pending: 10_000,
+                })
             } else {
                 None
             };
             let shutdown = app::shutdown_on_signals();
-            let running = app::producer::start(config, ProducerOptions { generate }, shutdown).await?;
+            let running =
+                app::producer::start(config, ProducerOptions { generate }, shutdown).await?;
             let unflushed = running.done.await?;
             if unflushed > 0 {
-                anyhow::bail!("{unflushed} messages were not acknowledged before the flush deadline");
+                anyhow::bail!(
+                    "{unflushed} messages were not acknowledged before the flush deadline"
+                );
             }
         }
         Command::Consumer => {
             let shutdown = app::shutdown_on_signals();
-            let running = app::consumer::start(config, ConsumerOptions::default(), shutdown).await?;
+            let running =
+                app::consumer::start(config, ConsumerOptions::default(), shutdown).await?;
             running.done.await?;
         }
     }

@@ -31,52 +31,228 @@ macro_rules! vars {
 }
 
 vars![
-    ("KAFKA_BROKERS", "kafka.brokers", "bootstrap servers, comma-separated"),
-    ("KAFKA_CLIENT_ID", "kafka.client_id", "client id sent to the broker"),
-    ("KAFKA_SECURITY_PROTOCOL", "kafka.security_protocol", "plaintext, ssl, sasl_plaintext or sasl_ssl"),
-    ("KAFKA_SASL_MECHANISM", "kafka.sasl_mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"),
-    ("KAFKA_SASL_USERNAME", "kafka.sasl_username", "SASL user name"),
-    ("KAFKA_SASL_PASSWORD", "kafka.sasl_password", "SASL password (secret: redacted in output)"),
-    ("KAFKA_SSL_CA_LOCATION", "kafka.ssl_ca_location", "CA certificate file for TLS"),
-    ("KAFKA_AUTO_CREATE_TOPICS", "kafka.auto_create_topics", "provision the source, retry and DLQ topics at start-up"),
-    ("KAFKA_TOPIC_PARTITIONS", "kafka.topic_partitions", "partitions of topics courier creates"),
-    ("KAFKA_TOPIC_REPLICATION", "kafka.topic_replication", "replication factor of topics courier creates"),
-    ("KAFKA_PRODUCER_TOPIC", "kafka.producer.topic", "default topic of the producer"),
+    (
+        "KAFKA_BROKERS",
+        "kafka.brokers",
+        "bootstrap servers, comma-separated"
+    ),
+    (
+        "KAFKA_CLIENT_ID",
+        "kafka.client_id",
+        "client id sent to the broker"
+    ),
+    (
+        "KAFKA_SECURITY_PROTOCOL",
+        "kafka.security_protocol",
+        "plaintext, ssl, sasl_plaintext or sasl_ssl"
+    ),
+    (
+        "KAFKA_SASL_MECHANISM",
+        "kafka.sasl_mechanism",
+        "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+    ),
+    (
+        "KAFKA_SASL_USERNAME",
+        "kafka.sasl_username",
+        "SASL user name"
+    ),
+    (
+        "KAFKA_SASL_PASSWORD",
+        "kafka.sasl_password",
+        "SASL password (secret: redacted in output)"
+    ),
+    (
+        "KAFKA_SSL_CA_LOCATION",
+        "kafka.ssl_ca_location",
+        "CA certificate file for TLS"
+    ),
+    (
+        "KAFKA_AUTO_CREATE_TOPICS",
+        "kafka.auto_create_topics",
+        "provision the source, retry and DLQ topics at start-up"
+    ),
+    (
+        "KAFKA_TOPIC_PARTITIONS",
+        "kafka.topic_partitions",
+        "partitions of topics courier creates"
+    ),
+    (
+        "KAFKA_TOPIC_REPLICATION",
+        "kafka.topic_replication",
+        "replication factor of topics courier creates"
+    ),
+    (
+        "KAFKA_PRODUCER_TOPIC",
+        "kafka.producer.topic",
+        "default topic of the producer"
+    ),
     ("KAFKA_PRODUCER_ACKS", "kafka.producer.acks", "0, 1 or all"),
-    ("KAFKA_PRODUCER_RETRIES", "kafka.producer.retries", "librdkafka send retries before a delivery fails"),
-    ("KAFKA_PRODUCER_IDEMPOTENT", "kafka.producer.idempotent", "idempotent producer (no duplicates from send retries; needs acks=all)"),
-    ("KAFKA_PRODUCER_COMPRESSION", "kafka.producer.compression", "none, gzip, snappy, lz4 or zstd"),
-    ("KAFKA_PRODUCER_LINGER_MS", "kafka.producer.linger_ms", "how long to wait to fill a batch"),
-    ("KAFKA_PRODUCER_DELIVERY_TIMEOUT_MS", "kafka.producer.delivery_timeout_ms", "time limit for one delivery, retries included"),
-    ("KAFKA_PRODUCER_QUEUE_MAX_MESSAGES", "kafka.producer.queue_max_messages", "local send queue bound; a full queue answers 503"),
-    ("KAFKA_PRODUCER_FLUSH_TIMEOUT_MS", "kafka.producer.flush_timeout_ms", "shutdown deadline for flushing queued messages"),
-    ("KAFKA_PRODUCER_ALLOWED_TOPICS", "kafka.producer.allowed_topics", "topics the ingest API may publish to (default: the producer topic)"),
-    ("KAFKA_CONSUMER_TOPICS", "kafka.consumer.topics", "source topics, comma-separated (KAFKA_CONSUMER_TOPIC is an alias)"),
-    ("KAFKA_CONSUMER_GROUP_ID", "kafka.consumer.group_id", "consumer group"),
-    ("KAFKA_CONSUMER_WORKERS", "kafka.consumer.workers", "worker lanes; a key always goes to the same lane"),
-    ("KAFKA_CONSUMER_MAX_IN_FLIGHT", "kafka.consumer.max_in_flight", "messages in flight at most; fetching pauses above it"),
-    ("KAFKA_CONSUMER_RETRY_MAX", "kafka.consumer.retry_max", "retry levels before the DLQ"),
-    ("KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "kafka.consumer.commit_interval_ms", "how often finished offsets are committed"),
-    ("KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS", "kafka.consumer.shutdown_timeout_ms", "how long shutdown and revoke wait for in-flight messages"),
-    ("KAFKA_CONSUMER_FETCH_MIN_BYTES", "kafka.consumer.fetch_min_bytes", "fetch.min.bytes"),
-    ("KAFKA_CONSUMER_FETCH_MAX_BYTES", "kafka.consumer.fetch_max_bytes", "fetch.max.bytes"),
-    ("KAFKA_RETRY_TOPIC_PREFIX", "kafka.retry.topic_prefix", "retry topics are {prefix}-1..N"),
-    ("KAFKA_RETRY_BACKOFF", "kafka.retry.backoff", "delay per retry level, comma-separated; the last repeats"),
-    ("KAFKA_DLQ_TOPIC", "kafka.retry.dlq_topic", "dead-letter topic"),
-    ("DEDUPE_TTL", "dedupe.ttl", "how long a processed message-id is remembered"),
-    ("DEDUPE_CAPACITY", "dedupe.capacity", "most message-ids remembered; the oldest is evicted first"),
+    (
+        "KAFKA_PRODUCER_RETRIES",
+        "kafka.producer.retries",
+        "librdkafka send retries before a delivery fails"
+    ),
+    (
+        "KAFKA_PRODUCER_IDEMPOTENT",
+        "kafka.producer.idempotent",
+        "idempotent producer (no duplicates from send retries; needs acks=all)"
+    ),
+    (
+        "KAFKA_PRODUCER_COMPRESSION",
+        "kafka.producer.compression",
+        "none, gzip, snappy, lz4 or zstd"
+    ),
+    (
+        "KAFKA_PRODUCER_LINGER_MS",
+        "kafka.producer.linger_ms",
+        "how long to wait to fill a batch"
+    ),
+    (
+        "KAFKA_PRODUCER_DELIVERY_TIMEOUT_MS",
+        "kafka.producer.delivery_timeout_ms",
+        "time limit for one delivery, retries included"
+    ),
+    (
+        "KAFKA_PRODUCER_QUEUE_MAX_MESSAGES",
+        "kafka.producer.queue_max_messages",
+        "local send queue bound; a full queue answers 503"
+    ),
+    (
+        "KAFKA_PRODUCER_FLUSH_TIMEOUT_MS",
+        "kafka.producer.flush_timeout_ms",
+        "shutdown deadline for flushing queued messages"
+    ),
+    (
+        "KAFKA_PRODUCER_ALLOWED_TOPICS",
+        "kafka.producer.allowed_topics",
+        "topics the ingest API may publish to (default: the producer topic)"
+    ),
+    (
+        "KAFKA_CONSUMER_TOPICS",
+        "kafka.consumer.topics",
+        "source topics, comma-separated (KAFKA_CONSUMER_TOPIC is an alias)"
+    ),
+    (
+        "KAFKA_CONSUMER_GROUP_ID",
+        "kafka.consumer.group_id",
+        "consumer group"
+    ),
+    (
+        "KAFKA_CONSUMER_WORKERS",
+        "kafka.consumer.workers",
+        "worker lanes; a key always goes to the same lane"
+    ),
+    (
+        "KAFKA_CONSUMER_MAX_IN_FLIGHT",
+        "kafka.consumer.max_in_flight",
+        "messages in flight at most; fetching pauses above it"
+    ),
+    (
+        "KAFKA_CONSUMER_RETRY_MAX",
+        "kafka.consumer.retry_max",
+        "retry levels before the DLQ"
+    ),
+    (
+        "KAFKA_CONSUMER_COMMIT_INTERVAL_MS",
+        "kafka.consumer.commit_interval_ms",
+        "how often finished offsets are committed"
+    ),
+    (
+        "KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS",
+        "kafka.consumer.shutdown_timeout_ms",
+        "how long shutdown and revoke wait for in-flight messages"
+    ),
+    (
+        "KAFKA_CONSUMER_FETCH_MIN_BYTES",
+        "kafka.consumer.fetch_min_bytes",
+        "fetch.min.bytes"
+    ),
+    (
+        "KAFKA_CONSUMER_FETCH_MAX_BYTES",
+        "kafka.consumer.fetch_max_bytes",
+        "fetch.max.bytes"
+    ),
+    (
+        "KAFKA_RETRY_TOPIC_PREFIX",
+        "kafka.retry.topic_prefix",
+        "retry topics are {prefix}-1..N"
+    ),
+    (
+        "KAFKA_RETRY_BACKOFF",
+        "kafka.retry.backoff",
+        "delay per retry level, comma-separated; the last repeats"
+    ),
+    (
+        "KAFKA_DLQ_TOPIC",
+        "kafka.retry.dlq_topic",
+        "dead-letter topic"
+    ),
+    (
+        "DEDUPE_TTL",
+        "dedupe.ttl",
+        "how long a processed message-id is remembered"
+    ),
+    (
+        "DEDUPE_CAPACITY",
+        "dedupe.capacity",
+        "most message-ids remembered; the oldest is evicted first"
+    ),
     ("COURIER_PROCESSOR", "processor.kind", "log or http"),
-    ("PROCESSOR_HTTP_URL", "processor.http_url", "URL the http processor POSTs each payload to"),
-    ("PROCESSOR_HTTP_TIMEOUT_MS", "processor.http_timeout_ms", "time limit of one http processor request"),
-    ("HTTP_ADDR", "http.addr", "the producer's ingest API address"),
-    ("HTTP_MAX_BODY_BYTES", "http.max_body_bytes", "largest accepted request body (413 above)"),
-    ("HTTP_MAX_BATCH_EVENTS", "http.max_batch_events", "most events in one ingest request (413 above)"),
-    ("HTTP_REQUEST_TIMEOUT_MS", "http.request_timeout_ms", "ingest request deadline, broker acknowledgement included (503 after)"),
-    ("OPS_ADDR", "ops.addr", "address of /metrics, /healthz and /readyz"),
-    ("HEALTH_PROBE_INTERVAL_MS", "health.probe_interval_ms", "how often the broker is probed with a metadata request"),
-    ("HEALTH_PROBE_TIMEOUT_MS", "health.probe_timeout_ms", "time limit of one probe"),
-    ("HEALTH_MAX_BACKOFF_MS", "health.max_backoff_ms", "longest wait between probes while the broker is down"),
-    ("LOG_LEVEL", "log.level", "debug, info, warn, error, or a RUST_LOG-style filter"),
+    (
+        "PROCESSOR_HTTP_URL",
+        "processor.http_url",
+        "URL the http processor POSTs each payload to"
+    ),
+    (
+        "PROCESSOR_HTTP_TIMEOUT_MS",
+        "processor.http_timeout_ms",
+        "time limit of one http processor request"
+    ),
+    (
+        "HTTP_ADDR",
+        "http.addr",
+        "the producer's ingest API address"
+    ),
+    (
+        "HTTP_MAX_BODY_BYTES",
+        "http.max_body_bytes",
+        "largest accepted request body (413 above)"
+    ),
+    (
+        "HTTP_MAX_BATCH_EVENTS",
+        "http.max_batch_events",
+        "most events in one ingest request (413 above)"
+    ),
+    (
+        "HTTP_REQUEST_TIMEOUT_MS",
+        "http.request_timeout_ms",
+        "ingest request deadline, broker acknowledgement included (503 after)"
+    ),
+    (
+        "OPS_ADDR",
+        "ops.addr",
+        "address of /metrics, /healthz and /readyz"
+    ),
+    (
+        "HEALTH_PROBE_INTERVAL_MS",
+        "health.probe_interval_ms",
+        "how often the broker is probed with a metadata request"
+    ),
+    (
+        "HEALTH_PROBE_TIMEOUT_MS",
+        "health.probe_timeout_ms",
+        "time limit of one probe"
+    ),
+    (
+        "HEALTH_MAX_BACKOFF_MS",
+        "health.max_backoff_ms",
+        "longest wait between probes while the broker is down"
+    ),
+    (
+        "LOG_LEVEL",
+        "log.level",
+        "debug, info, warn, error, or a RUST_LOG-style filter"
+    ),
     ("LOG_FORMAT", "log.format", "json or pretty"),
 ];
 
@@ -113,7 +289,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"[redacted]\"" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"[redacted]\""
+        })
     }
 }
 
@@ -436,7 +616,6 @@ impl Default for RawLog {
     }
 }
 
-
 /// A configuration error: one line naming the variable, the value and what is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -740,7 +919,10 @@ impl Config {
         let mut config = validate(raw)?;
         for (k, v) in env {
             if let Some(rest) = k.strip_prefix(RDKAFKA_PREFIX) {
-                config.kafka.passthrough.insert(passthrough_name(rest), v.clone());
+                config
+                    .kafka
+                    .passthrough
+                    .insert(passthrough_name(rest), v.clone());
             }
         }
         Ok(config)
@@ -795,7 +977,9 @@ pub fn passthrough_name(rest: &str) -> String {
         .replace('\u{0}', "_")
 }
 
-fn env_provider(env: &[(String, String)]) -> Result<figment::providers::Serialized<figment::value::Dict>, ConfigError> {
+fn env_provider(
+    env: &[(String, String)],
+) -> Result<figment::providers::Serialized<figment::value::Dict>, ConfigError> {
     // Map each known variable to its dotted key. An alias loses to its canonical name.
     let mut dict = figment::value::Dict::new();
     let mut set = |key: &str, value: &str| {
@@ -804,7 +988,9 @@ fn env_provider(env: &[(String, String)]) -> Result<figment::providers::Serializ
             .unwrap_or_else(|_| figment::value::Value::from(value.to_owned()));
         // Keep lists and durations as text: the parser above would split "a,b" oddly.
         let v = match v {
-            figment::value::Value::String(..) | figment::value::Value::Num(..) | figment::value::Value::Bool(..) => v,
+            figment::value::Value::String(..)
+            | figment::value::Value::Num(..)
+            | figment::value::Value::Bool(..) => v,
             _ => figment::value::Value::from(value.to_owned()),
         };
         insert_dotted(&mut dict, key, v);
@@ -855,7 +1041,13 @@ fn describe_figment_error(err: figment::Error) -> ConfigError {
     let key = err.path.join(".");
     let name = env_name_for_key(&key)
         .map(str::to_owned)
-        .unwrap_or_else(|| if key.is_empty() { "configuration".into() } else { key.clone() });
+        .unwrap_or_else(|| {
+            if key.is_empty() {
+                "configuration".into()
+            } else {
+                key.clone()
+            }
+        });
     let msg = match &err.kind {
         Kind::InvalidType(actual, expected) => {
             let value = match actual {
@@ -866,7 +1058,11 @@ fn describe_figment_error(err: figment::Error) -> ConfigError {
         }
         Kind::UnknownField(field, _) => {
             let full = if err.path.last() == Some(field) || key.is_empty() {
-                if key.is_empty() { field.clone() } else { key.clone() }
+                if key.is_empty() {
+                    field.clone()
+                } else {
+                    key.clone()
+                }
             } else {
                 format!("{key}.{field}")
             };
@@ -894,7 +1090,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("expected a duration such as 500ms, 10s, 5m or 1h".into());
     }
-    humantime::parse_duration(s).map_err(|_| "expected a duration such as 500ms, 10s, 5m or 1h".into())
+    humantime::parse_duration(s)
+        .map_err(|_| "expected a duration such as 500ms, 10s, 5m or 1h".into())
 }
 
 struct Check {
@@ -904,7 +1101,8 @@ struct Check {
 impl Check {
     fn fail(&mut self, key: &str, value: impl fmt::Display, accepted: &str) {
         let name = env_name_for_key(key).unwrap_or(key);
-        self.errors.push(format!("{name}={value}: expected {accepted}"));
+        self.errors
+            .push(format!("{name}={value}: expected {accepted}"));
     }
 
     fn range(&mut self, key: &str, v: i64, lo: i64, hi: i64) -> i64 {
@@ -929,7 +1127,11 @@ impl Check {
 
     fn topic(&mut self, key: &str, v: &str) {
         if !valid_topic(v) {
-            self.fail(key, v, "a topic name of 1 to 249 characters from [a-zA-Z0-9._-]");
+            self.fail(
+                key,
+                v,
+                "a topic name of 1 to 249 characters from [a-zA-Z0-9._-]",
+            );
         }
     }
 }
@@ -940,7 +1142,8 @@ pub fn valid_topic(s: &str) -> bool {
         && s.len() <= 249
         && s != "."
         && s != ".."
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn opt(t: &Text) -> Option<String> {
@@ -958,20 +1161,40 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         "sasl_plaintext" => SecurityProtocol::SaslPlaintext,
         "sasl_ssl" => SecurityProtocol::SaslSsl,
         other => {
-            c.fail("kafka.security_protocol", other, "plaintext, ssl, sasl_plaintext or sasl_ssl");
+            c.fail(
+                "kafka.security_protocol",
+                other,
+                "plaintext, ssl, sasl_plaintext or sasl_ssl",
+            );
             SecurityProtocol::Plaintext
         }
     };
     let sasl_mechanism = opt(&k.sasl_mechanism).map(|m| m.to_ascii_uppercase());
     if let Some(m) = &sasl_mechanism {
-        if !matches!(m.as_str(), "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" | "OAUTHBEARER" | "GSSAPI") {
-            c.fail("kafka.sasl_mechanism", m, "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI");
+        if !matches!(
+            m.as_str(),
+            "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512" | "OAUTHBEARER" | "GSSAPI"
+        ) {
+            c.fail(
+                "kafka.sasl_mechanism",
+                m,
+                "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER or GSSAPI",
+            );
         }
     }
     let sasl_username = opt(&k.sasl_username);
     let sasl_password = (!k.sasl_password.is_empty()).then(|| k.sasl_password.clone());
-    let is_sasl = matches!(security_protocol, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl);
-    if is_sasl && matches!(sasl_mechanism.as_deref(), None | Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512")) && (sasl_username.is_none() || sasl_password.is_none()) {
+    let is_sasl = matches!(
+        security_protocol,
+        SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+    );
+    if is_sasl
+        && matches!(
+            sasl_mechanism.as_deref(),
+            None | Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512")
+        )
+        && (sasl_username.is_none() || sasl_password.is_none())
+    {
         c.errors.push(format!(
             "KAFKA_SECURITY_PROTOCOL={}: expected KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD to be set with a SASL protocol",
             security_protocol.as_str()
@@ -1005,7 +1228,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         "lz4" => Compression::Lz4,
         "zstd" => Compression::Zstd,
         other => {
-            c.fail("kafka.producer.compression", other, "none, gzip, snappy, lz4 or zstd");
+            c.fail(
+                "kafka.producer.compression",
+                other,
+                "none, gzip, snappy, lz4 or zstd",
+            );
             Compression::None
         }
     };
@@ -1023,33 +1250,85 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         idempotent: p.idempotent,
         compression,
         linger_ms: c.range("kafka.producer.linger_ms", p.linger_ms, 0, 900_000) as u64,
-        delivery_timeout: c.ms("kafka.producer.delivery_timeout_ms", p.delivery_timeout_ms, 1, 3_600_000),
-        queue_max_messages: c.range("kafka.producer.queue_max_messages", p.queue_max_messages, 1, 2_147_483_647) as u32,
-        flush_timeout: c.ms("kafka.producer.flush_timeout_ms", p.flush_timeout_ms, 0, 3_600_000),
+        delivery_timeout: c.ms(
+            "kafka.producer.delivery_timeout_ms",
+            p.delivery_timeout_ms,
+            1,
+            3_600_000,
+        ),
+        queue_max_messages: c.range(
+            "kafka.producer.queue_max_messages",
+            p.queue_max_messages,
+            1,
+            2_147_483_647,
+        ) as u32,
+        flush_timeout: c.ms(
+            "kafka.producer.flush_timeout_ms",
+            p.flush_timeout_ms,
+            0,
+            3_600_000,
+        ),
         allowed_topics,
     };
 
     let cs = &k.consumer;
     if cs.topics.0.is_empty() {
-        c.fail("kafka.consumer.topics", "", "one or more topic names, comma-separated");
+        c.fail(
+            "kafka.consumer.topics",
+            "",
+            "one or more topic names, comma-separated",
+        );
     }
     for tpc in &cs.topics.0 {
         c.topic("kafka.consumer.topics", tpc);
     }
     let consumer = ConsumerConfig {
         topics: cs.topics.0.clone(),
-        group_id: c.text("kafka.consumer.group_id", &cs.group_id, "a non-empty group id"),
+        group_id: c.text(
+            "kafka.consumer.group_id",
+            &cs.group_id,
+            "a non-empty group id",
+        ),
         workers: c.range("kafka.consumer.workers", cs.workers, 1, 4096) as usize,
-        max_in_flight: c.range("kafka.consumer.max_in_flight", cs.max_in_flight, 1, 1_000_000) as usize,
+        max_in_flight: c.range(
+            "kafka.consumer.max_in_flight",
+            cs.max_in_flight,
+            1,
+            1_000_000,
+        ) as usize,
         retry_max: c.range("kafka.consumer.retry_max", cs.retry_max, 0, 100) as u32,
-        commit_interval: c.ms("kafka.consumer.commit_interval_ms", cs.commit_interval_ms, 10, 3_600_000),
-        shutdown_timeout: c.ms("kafka.consumer.shutdown_timeout_ms", cs.shutdown_timeout_ms, 0, 3_600_000),
-        fetch_min_bytes: c.range("kafka.consumer.fetch_min_bytes", cs.fetch_min_bytes, 1, 100_000_000) as u32,
-        fetch_max_bytes: c.range("kafka.consumer.fetch_max_bytes", cs.fetch_max_bytes, 1024, 2_147_483_135) as u32,
+        commit_interval: c.ms(
+            "kafka.consumer.commit_interval_ms",
+            cs.commit_interval_ms,
+            10,
+            3_600_000,
+        ),
+        shutdown_timeout: c.ms(
+            "kafka.consumer.shutdown_timeout_ms",
+            cs.shutdown_timeout_ms,
+            0,
+            3_600_000,
+        ),
+        fetch_min_bytes: c.range(
+            "kafka.consumer.fetch_min_bytes",
+            cs.fetch_min_bytes,
+            1,
+            100_000_000,
+        ) as u32,
+        fetch_max_bytes: c.range(
+            "kafka.consumer.fetch_max_bytes",
+            cs.fetch_max_bytes,
+            1024,
+            2_147_483_135,
+        ) as u32,
     };
 
     let r = &k.retry;
-    let topic_prefix = c.text("kafka.retry.topic_prefix", &r.topic_prefix, "a topic name prefix");
+    let topic_prefix = c.text(
+        "kafka.retry.topic_prefix",
+        &r.topic_prefix,
+        "a topic name prefix",
+    );
     c.topic("kafka.retry.topic_prefix", &topic_prefix);
     let dlq_topic = c.text("kafka.retry.dlq_topic", &r.dlq_topic, "a topic name");
     c.topic("kafka.retry.dlq_topic", &dlq_topic);
@@ -1057,16 +1336,35 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     for item in &r.backoff.0 {
         match parse_duration(item) {
             Ok(d) => backoff.push(d),
-            Err(e) => c.fail("kafka.retry.backoff", r.backoff.0.join(","), &format!("a comma-separated list of durations ({})", e.trim_start_matches("expected "))),
+            Err(e) => c.fail(
+                "kafka.retry.backoff",
+                r.backoff.0.join(","),
+                &format!(
+                    "a comma-separated list of durations ({})",
+                    e.trim_start_matches("expected ")
+                ),
+            ),
         }
     }
     if r.backoff.0.is_empty() {
-        c.fail("kafka.retry.backoff", "", "a comma-separated list of durations such as 1s,10s,60s");
+        c.fail(
+            "kafka.retry.backoff",
+            "",
+            "a comma-separated list of durations such as 1s,10s,60s",
+        );
     }
-    let retry = RetryConfig { topic_prefix, backoff, dlq_topic };
+    let retry = RetryConfig {
+        topic_prefix,
+        backoff,
+        dlq_topic,
+    };
     for tpc in &consumer.topics {
         if *tpc == retry.dlq_topic || retry.level_of(tpc, consumer.retry_max.max(1000)).is_some() {
-            c.fail("kafka.consumer.topics", consumer.topics.join(","), "source topics distinct from the retry topics and the DLQ");
+            c.fail(
+                "kafka.consumer.topics",
+                consumer.topics.join(","),
+                "source topics distinct from the retry topics and the DLQ",
+            );
         }
     }
 
@@ -1074,7 +1372,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ttl: match parse_duration(&raw.dedupe.ttl.0) {
             Ok(d) => d,
             Err(e) => {
-                c.fail("dedupe.ttl", &raw.dedupe.ttl.0, e.trim_start_matches("expected "));
+                c.fail(
+                    "dedupe.ttl",
+                    &raw.dedupe.ttl.0,
+                    e.trim_start_matches("expected "),
+                );
                 Duration::ZERO
             }
         },
@@ -1091,16 +1393,27 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
     let http_url = opt(&raw.processor.http_url);
     if let Some(u) = &http_url {
-        if !(u.starts_with("http://") || u.starts_with("https://")) || reqwest::Url::parse(u).is_err() {
+        if !(u.starts_with("http://") || u.starts_with("https://"))
+            || reqwest::Url::parse(u).is_err()
+        {
             c.fail("processor.http_url", u, "an http:// or https:// URL");
         }
     } else if kind == ProcessorKind::Http {
-        c.fail("processor.http_url", "", "a URL when COURIER_PROCESSOR=http");
+        c.fail(
+            "processor.http_url",
+            "",
+            "a URL when COURIER_PROCESSOR=http",
+        );
     }
     let processor = ProcessorConfig {
         kind,
         http_url,
-        http_timeout: c.ms("processor.http_timeout_ms", raw.processor.http_timeout_ms, 1, 3_600_000),
+        http_timeout: c.ms(
+            "processor.http_timeout_ms",
+            raw.processor.http_timeout_ms,
+            1,
+            3_600_000,
+        ),
     };
 
     let mut addr = |key: &str, v: &Text| -> SocketAddr {
@@ -1116,18 +1429,52 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let ops_addr = addr("ops.addr", &raw.ops.addr);
     let http = HttpConfig {
         addr: http_addr,
-        max_body_bytes: c.range("http.max_body_bytes", raw.http.max_body_bytes, 64, 1_073_741_824) as usize,
-        max_batch_events: c.range("http.max_batch_events", raw.http.max_batch_events, 1, 100_000) as usize,
-        request_timeout: c.ms("http.request_timeout_ms", raw.http.request_timeout_ms, 1, 3_600_000),
+        max_body_bytes: c.range(
+            "http.max_body_bytes",
+            raw.http.max_body_bytes,
+            64,
+            1_073_741_824,
+        ) as usize,
+        max_batch_events: c.range(
+            "http.max_batch_events",
+            raw.http.max_batch_events,
+            1,
+            100_000,
+        ) as usize,
+        request_timeout: c.ms(
+            "http.request_timeout_ms",
+            raw.http.request_timeout_ms,
+            1,
+            3_600_000,
+        ),
     };
     let health = HealthConfig {
-        probe_interval: c.ms("health.probe_interval_ms", raw.health.probe_interval_ms, 10, 3_600_000),
-        probe_timeout: c.ms("health.probe_timeout_ms", raw.health.probe_timeout_ms, 10, 600_000),
-        max_backoff: c.ms("health.max_backoff_ms", raw.health.max_backoff_ms, 10, 3_600_000),
+        probe_interval: c.ms(
+            "health.probe_interval_ms",
+            raw.health.probe_interval_ms,
+            10,
+            3_600_000,
+        ),
+        probe_timeout: c.ms(
+            "health.probe_timeout_ms",
+            raw.health.probe_timeout_ms,
+            10,
+            600_000,
+        ),
+        max_backoff: c.ms(
+            "health.max_backoff_ms",
+            raw.health.max_backoff_ms,
+            10,
+            3_600_000,
+        ),
     };
     let level = raw.log.level.0.trim().to_owned();
     if level.is_empty() || tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-        c.fail("log.level", &level, "debug, info, warn, error or a RUST_LOG-style filter");
+        c.fail(
+            "log.level",
+            &level,
+            "debug, info, warn, error or a RUST_LOG-style filter",
+        );
     }
     let format = match raw.log.format.0.trim().to_ascii_lowercase().as_str() {
         "json" => LogFormat::Json,
@@ -1140,7 +1487,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if let Some(first) = c.errors.into_iter().next() {
         return Err(ConfigError(first));
     }
-    let passthrough = raw.rdkafka.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+    let passthrough = raw
+        .rdkafka
+        .iter()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
     Ok(Config {
         kafka: KafkaConfig {
             brokers,
@@ -1173,7 +1524,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -1185,7 +1539,14 @@ mod tests {
         let c = load(&[]).unwrap();
         assert_eq!(c.consumer.topics, vec!["events"]);
         assert_eq!(c.retry.topic(2), "events-retry-2");
-        assert_eq!(c.retry.backoff, vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)]);
+        assert_eq!(
+            c.retry.backoff,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                Duration::from_secs(60)
+            ]
+        );
         assert_eq!(c.producer.allowed_topics, vec!["events"]);
         assert_eq!(c.producer.acks, Acks::All);
         assert_eq!(c.ops_addr.port(), 9090);
@@ -1208,7 +1569,11 @@ mod tests {
         assert_eq!(c.consumer.topics, vec!["orders", "payments"]);
         assert_eq!(c.consumer.workers, 16);
         assert_eq!(c.retry.delay(1), Duration::from_millis(500));
-        assert_eq!(c.retry.delay(7), Duration::from_secs(2), "the last delay repeats");
+        assert_eq!(
+            c.retry.delay(7),
+            Duration::from_secs(2),
+            "the last delay repeats"
+        );
         assert_eq!(c.dedupe.ttl, Duration::from_secs(300));
         assert_eq!(c.kafka.passthrough["socket.keepalive.enable"], "true");
         assert_eq!(c.kafka.passthrough["some_odd.name"], "x");
@@ -1216,30 +1581,79 @@ mod tests {
 
     #[test]
     fn alias_is_used_only_without_canonical() {
-        assert_eq!(load(&[("KAFKA_CONSUMER_TOPIC", "a")]).unwrap().consumer.topics, vec!["a"]);
-        let both = load(&[("KAFKA_CONSUMER_TOPIC", "a"), ("KAFKA_CONSUMER_TOPICS", "b")]).unwrap();
+        assert_eq!(
+            load(&[("KAFKA_CONSUMER_TOPIC", "a")])
+                .unwrap()
+                .consumer
+                .topics,
+            vec!["a"]
+        );
+        let both = load(&[
+            ("KAFKA_CONSUMER_TOPIC", "a"),
+            ("KAFKA_CONSUMER_TOPICS", "b"),
+        ])
+        .unwrap();
         assert_eq!(both.consumer.topics, vec!["b"]);
     }
 
     #[test]
     fn bad_values_name_the_variable_value_and_accepted() {
         let cases: &[(&[(&str, &str)], &str)] = &[
-            (&[("KAFKA_PRODUCER_ACKS", "2")], "KAFKA_PRODUCER_ACKS=2: expected 0, 1 or all"),
-            (&[("KAFKA_CONSUMER_WORKERS", "lots")], "KAFKA_CONSUMER_WORKERS=lots: expected a whole number"),
-            (&[("KAFKA_CONSUMER_WORKERS", "0")], "KAFKA_CONSUMER_WORKERS=0: expected a whole number from 1 to 4096"),
-            (&[("DEDUPE_TTL", "forever")], "DEDUPE_TTL=forever: expected a duration"),
-            (&[("KAFKA_RETRY_BACKOFF", "1s,soon")], "KAFKA_RETRY_BACKOFF=1s,soon: expected a comma-separated list of durations"),
-            (&[("HTTP_ADDR", "nowhere")], "HTTP_ADDR=nowhere: expected an address"),
-            (&[("LOG_FORMAT", "xml")], "LOG_FORMAT=xml: expected json or pretty"),
-            (&[("COURIER_PROCESSOR", "http")], "PROCESSOR_HTTP_URL=: expected a URL when COURIER_PROCESSOR=http"),
-            (&[("KAFKA_PRODUCER_IDEMPOTENT", "maybe")], "KAFKA_PRODUCER_IDEMPOTENT=maybe: expected true or false"),
-            (&[("KAFKA_CONSUMER_TOPICS", "events-retry-1")], "KAFKA_CONSUMER_TOPICS=events-retry-1: expected source topics distinct"),
-            (&[("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")], "KAFKA_SECURITY_PROTOCOL=sasl_ssl: expected KAFKA_SASL_USERNAME"),
-            (&[("COURIER_CONFIG", "/nonexistent/courier.toml")], "COURIER_CONFIG=/nonexistent/courier.toml: no such file"),
+            (
+                &[("KAFKA_PRODUCER_ACKS", "2")],
+                "KAFKA_PRODUCER_ACKS=2: expected 0, 1 or all",
+            ),
+            (
+                &[("KAFKA_CONSUMER_WORKERS", "lots")],
+                "KAFKA_CONSUMER_WORKERS=lots: expected a whole number",
+            ),
+            (
+                &[("KAFKA_CONSUMER_WORKERS", "0")],
+                "KAFKA_CONSUMER_WORKERS=0: expected a whole number from 1 to 4096",
+            ),
+            (
+                &[("DEDUPE_TTL", "forever")],
+                "DEDUPE_TTL=forever: expected a duration",
+            ),
+            (
+                &[("KAFKA_RETRY_BACKOFF", "1s,soon")],
+                "KAFKA_RETRY_BACKOFF=1s,soon: expected a comma-separated list of durations",
+            ),
+            (
+                &[("HTTP_ADDR", "nowhere")],
+                "HTTP_ADDR=nowhere: expected an address",
+            ),
+            (
+                &[("LOG_FORMAT", "xml")],
+                "LOG_FORMAT=xml: expected json or pretty",
+            ),
+            (
+                &[("COURIER_PROCESSOR", "http")],
+                "PROCESSOR_HTTP_URL=: expected a URL when COURIER_PROCESSOR=http",
+            ),
+            (
+                &[("KAFKA_PRODUCER_IDEMPOTENT", "maybe")],
+                "KAFKA_PRODUCER_IDEMPOTENT=maybe: expected true or false",
+            ),
+            (
+                &[("KAFKA_CONSUMER_TOPICS", "events-retry-1")],
+                "KAFKA_CONSUMER_TOPICS=events-retry-1: expected source topics distinct",
+            ),
+            (
+                &[("KAFKA_SECURITY_PROTOCOL", "sasl_ssl")],
+                "KAFKA_SECURITY_PROTOCOL=sasl_ssl: expected KAFKA_SASL_USERNAME",
+            ),
+            (
+                &[("COURIER_CONFIG", "/nonexistent/courier.toml")],
+                "COURIER_CONFIG=/nonexistent/courier.toml: no such file",
+            ),
         ];
         for (pairs, want) in cases {
             let err = load(pairs).unwrap_err().0;
-            assert!(err.starts_with(want), "{pairs:?}: got {err:?}, want prefix {want:?}");
+            assert!(
+                err.starts_with(want),
+                "{pairs:?}: got {err:?}, want prefix {want:?}"
+            );
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
     }
@@ -1249,13 +1663,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "[kafka]\nbrokers = \"file:1\"\n[kafka.consumer]\nworkers = 3\ngroup_id = \"from-file\"\n").unwrap();
-        let c = Config::load_from(Some(&path), &env(&[("KAFKA_CONSUMER_GROUP_ID", "from-env")])).unwrap();
+        let c = Config::load_from(
+            Some(&path),
+            &env(&[("KAFKA_CONSUMER_GROUP_ID", "from-env")]),
+        )
+        .unwrap();
         assert_eq!(c.kafka.brokers, "file:1");
         assert_eq!(c.consumer.workers, 3);
         assert_eq!(c.consumer.group_id, "from-env");
         std::fs::write(&path, "[kafka]\nbrokerz = \"x\"\n").unwrap();
         let err = Config::load_from(Some(&path), &[]).unwrap_err().0;
-        assert!(err.contains("unknown configuration key `kafka.brokerz`"), "{err}");
+        assert!(
+            err.contains("unknown configuration key `kafka.brokerz`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1267,18 +1688,31 @@ mod tests {
             let mut cur = &value;
             let parts: Vec<&str> = var.key.split('.').collect();
             for p in &parts[..parts.len() - 1] {
-                cur = cur.get(*p).and_then(|v| v.as_table()).unwrap_or_else(|| panic!("{} missing table {p}", var.key));
+                cur = cur
+                    .get(*p)
+                    .and_then(|v| v.as_table())
+                    .unwrap_or_else(|| panic!("{} missing table {p}", var.key));
             }
-            assert!(cur.contains_key(*parts.last().unwrap()), "config/courier.toml lacks {}", var.key);
+            assert!(
+                cur.contains_key(*parts.last().unwrap()),
+                "config/courier.toml lacks {}",
+                var.key
+            );
         }
         Config::load_from(Some(&path), &[]).unwrap();
     }
 
     #[test]
     fn readme_documents_every_variable() {
-        let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
         for var in VARS {
-            assert!(readme.contains(&format!("`{}`", var.env)), "README.md does not document {}", var.env);
+            assert!(
+                readme.contains(&format!("`{}`", var.env)),
+                "README.md does not document {}",
+                var.env
+            );
         }
     }
 
@@ -1293,9 +1727,15 @@ mod tests {
         ])
         .unwrap();
         let out = c.to_toml();
-        assert!(!out.contains("hunter2") && !out.contains("hunter3"), "{out}");
+        assert!(
+            !out.contains("hunter2") && !out.contains("hunter3"),
+            "{out}"
+        );
         assert!(out.contains("[redacted]"));
-        assert_eq!(format!("{:?}", c.kafka.sasl_password), "Some(\"[redacted]\")");
+        assert_eq!(
+            format!("{:?}", c.kafka.sasl_password),
+            "Some(\"[redacted]\")"
+        );
         let reparsed: RawConfig = toml::from_str(&out).unwrap();
         assert_eq!(reparsed.kafka.consumer.group_id.0, "courier");
     }

@@ -420,8 +420,11 @@ impl Envelope {
             match body.get(field) {
                 None | Some(Value::Null) => {}
                 Some(Value::String(s)) => {
-                    if time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                        .is_err()
+                    if time::OffsetDateTime::parse(
+                        s,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .is_err()
                     {
                         return Err(invalid(
                             if field == "time" { "time" } else { "timestamp" },
@@ -512,7 +515,10 @@ mod tests {
             json!({"id": "a1", "type": "t", "key": "cust-7", "partition": 3, "timestamp": "2024-01-02T03:04:05Z"}),
         )
         .unwrap();
-        assert_eq!((env.id.as_str(), env.key.as_str(), env.partition), ("a1", "cust-7", Some(3)));
+        assert_eq!(
+            (env.id.as_str(), env.key.as_str(), env.partition),
+            ("a1", "cust-7", Some(3))
+        );
     }
 
     #[test]
@@ -522,14 +528,33 @@ mod tests {
             (json!({"id": "x"}), EnvelopeError::MissingType),
             (json!({"type": 5}), invalid("type", "must be a string")),
             (json!({"type": ""}), invalid("type", "is empty")),
-            (json!({"type": "t", "id": 5}), invalid("id", "must be a string")),
-            (json!({"type": "t", "key": []}), invalid("key", "must be a string")),
-            (json!({"type": "t", "time": "yesterday"}), invalid("time", "must be an RFC 3339 date-time")),
-            (json!({"type": "t", "partition": -1}), invalid("partition", "must be a non-negative integer")),
-            (json!({"type": "t", "source": 1}), invalid("source", "must be a string")),
+            (
+                json!({"type": "t", "id": 5}),
+                invalid("id", "must be a string"),
+            ),
+            (
+                json!({"type": "t", "key": []}),
+                invalid("key", "must be a string"),
+            ),
+            (
+                json!({"type": "t", "time": "yesterday"}),
+                invalid("time", "must be an RFC 3339 date-time"),
+            ),
+            (
+                json!({"type": "t", "partition": -1}),
+                invalid("partition", "must be a non-negative integer"),
+            ),
+            (
+                json!({"type": "t", "source": 1}),
+                invalid("source", "must be a string"),
+            ),
         ];
         for (value, want) in cases {
-            assert_eq!(Envelope::from_value(value.clone()).unwrap_err(), want, "{value}");
+            assert_eq!(
+                Envelope::from_value(value.clone()).unwrap_err(),
+                want,
+                "{value}"
+            );
         }
     }
 
@@ -578,7 +603,14 @@ mod tests {
         );
         assert_eq!(rec.key, d.key);
         assert_eq!(rec.payload, d.payload);
-        assert_eq!(&rec.headers[..3], &[h("traceparent", "00-abc"), h(HEADER_MESSAGE_ID, "m1"), ("null-header".into(), None)]);
+        assert_eq!(
+            &rec.headers[..3],
+            &[
+                h("traceparent", "00-abc"),
+                h(HEADER_MESSAGE_ID, "m1"),
+                ("null-header".into(), None)
+            ]
+        );
         let ch = CourierHeaders::parse(&rec.headers);
         assert_eq!(ch.attempt, Some(2));
         assert_eq!(ch.due_at_ms, Some(5000));
@@ -587,7 +619,11 @@ mod tests {
         assert_eq!(ch.original_offset, Some(99));
         assert_eq!(ch.consumer_group.as_deref(), Some("g"));
         assert!(ch.error_message.unwrap().len() <= MAX_ERROR_MESSAGE_BYTES);
-        let attempts = rec.headers.iter().filter(|(k, _)| k == HEADER_ATTEMPT).count();
+        let attempts = rec
+            .headers
+            .iter()
+            .filter(|(k, _)| k == HEADER_ATTEMPT)
+            .count();
         assert_eq!(attempts, 1, "courier headers are replaced, not appended");
         assert!(!rec.headers.iter().any(|(k, _)| k == "courier-unknown"));
     }
@@ -609,7 +645,10 @@ mod tests {
         );
         let ch = CourierHeaders::parse(&rec.headers);
         assert_eq!(ch.original_topic.as_deref(), Some("events"));
-        assert_eq!((ch.original_partition, ch.original_offset), (Some(2), Some(41)));
+        assert_eq!(
+            (ch.original_partition, ch.original_offset),
+            (Some(2), Some(41))
+        );
         assert_eq!(ch.original_timestamp_ms, Some(1_700_000_000_000));
         assert_eq!(ch.due_at_ms, None);
         assert_eq!(ch.error_kind, Some(ErrorKind::Fatal));

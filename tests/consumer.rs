@@ -15,18 +15,37 @@ use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
 
-async fn consumer(k: &TestKafka, p: &Arc<ScriptedProcessor>, extra: &[(&str, &str)]) -> (RunningConsumer, CancellationToken) {
+async fn consumer(
+    k: &TestKafka,
+    p: &Arc<ScriptedProcessor>,
+    extra: &[(&str, &str)],
+) -> (RunningConsumer, CancellationToken) {
     let shutdown = CancellationToken::new();
-    let running = start(k.config(extra), ConsumerOptions { processor: Some(p.clone()), metrics: None }, shutdown.clone()).await.expect("consumer starts");
+    let running = start(
+        k.config(extra),
+        ConsumerOptions {
+            processor: Some(p.clone()),
+            metrics: None,
+        },
+        shutdown.clone(),
+    )
+    .await
+    .expect("consumer starts");
     (running, shutdown)
 }
 
 async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> Summary {
     shutdown.cancel();
-    tokio::time::timeout(T, running.done).await.expect("consumer stops in time").expect("consumer task")
+    tokio::time::timeout(T, running.done)
+        .await
+        .expect("consumer stops in time")
+        .expect("consumer task")
 }
 
-fn total(summary: &Summary, f: impl Fn(&courier::service::pipeline::PartitionSummary) -> u64) -> u64 {
+fn total(
+    summary: &Summary,
+    f: impl Fn(&courier::service::pipeline::PartitionSummary) -> u64,
+) -> u64 {
     summary.values().map(f).sum()
 }
 
@@ -51,10 +70,27 @@ async fn happy_path_processes_each_once_and_commits_end_offsets() {
 async fn fails_twice_then_succeeds_through_retry_1_and_2() {
     let k = TestKafka::new(2);
     let p = ScriptedProcessor::new();
-    p.script("r-0", vec![Step::Retry("flaky 1"), Step::Retry("flaky 2"), Step::Ok]);
-    k.produce(&k.source, vec![(Some(b"kk".to_vec()), br#"{"id":"r-0","type":"t"}"#.to_vec(), vec![("message-id".into(), Some(b"r-0".to_vec())), ("trace".into(), Some(b"t1".to_vec()))])]).await;
+    p.script(
+        "r-0",
+        vec![Step::Retry("flaky 1"), Step::Retry("flaky 2"), Step::Ok],
+    );
+    k.produce(
+        &k.source,
+        vec![(
+            Some(b"kk".to_vec()),
+            br#"{"id":"r-0","type":"t"}"#.to_vec(),
+            vec![
+                ("message-id".into(), Some(b"r-0".to_vec())),
+                ("trace".into(), Some(b"t1".to_vec())),
+            ],
+        )],
+    )
+    .await;
     let (running, shutdown) = consumer(&k, &p, &[("KAFKA_RETRY_BACKOFF", "400ms,700ms")]).await;
-    wait_for("third attempt", T, || p.ok_ids().contains(&"r-0".to_string())).await;
+    wait_for("third attempt", T, || {
+        p.ok_ids().contains(&"r-0".to_string())
+    })
+    .await;
     let summary = stop(running, shutdown).await;
     let calls = p.calls_for("r-0");
     assert_eq!(calls.len(), 3);
@@ -64,19 +100,39 @@ async fn fails_twice_then_succeeds_through_retry_1_and_2() {
     for (level, call) in calls.iter().enumerate().skip(1) {
         let d = &call.delivery;
         let due: i64 = header(d, HEADER_DUE_AT_MS).unwrap().parse().unwrap();
-        assert!(call.at_ms >= due, "attempt {level} ran at {} before its due time {due}", call.at_ms);
+        assert!(
+            call.at_ms >= due,
+            "attempt {level} ran at {} before its due time {due}",
+            call.at_ms
+        );
         assert_eq!(header(d, HEADER_ATTEMPT).unwrap(), level.to_string());
         assert_eq!(header(d, HEADER_ORIGINAL_TOPIC).unwrap(), k.source);
         assert_eq!(header(d, HEADER_ORIGINAL_OFFSET).unwrap(), "0");
         assert_eq!(header(d, HEADER_CONSUMER_GROUP).unwrap(), k.group);
         assert_eq!(header(d, HEADER_ERROR_KIND).unwrap(), "retryable");
-        assert_eq!(header(d, HEADER_ERROR_MESSAGE).unwrap(), format!("flaky {level}"));
+        assert_eq!(
+            header(d, HEADER_ERROR_MESSAGE).unwrap(),
+            format!("flaky {level}")
+        );
         assert_eq!(header(d, "trace").unwrap(), "t1");
         assert_eq!(d.key.as_deref(), Some(b"kk".as_slice()));
         assert_eq!(d.payload, calls[0].delivery.payload);
-        assert_eq!(d.headers.iter().filter(|(k, _)| k == HEADER_ATTEMPT).count(), 1);
+        assert_eq!(
+            d.headers
+                .iter()
+                .filter(|(k, _)| k == HEADER_ATTEMPT)
+                .count(),
+            1
+        );
     }
-    let delay2 = header(&calls[2].delivery, HEADER_DUE_AT_MS).unwrap().parse::<i64>().unwrap() - header(&calls[2].delivery, HEADER_FAILED_AT_MS).unwrap().parse::<i64>().unwrap();
+    let delay2 = header(&calls[2].delivery, HEADER_DUE_AT_MS)
+        .unwrap()
+        .parse::<i64>()
+        .unwrap()
+        - header(&calls[2].delivery, HEADER_FAILED_AT_MS)
+            .unwrap()
+            .parse::<i64>()
+            .unwrap();
     assert_eq!(delay2, 700, "level 2 uses the second backoff");
     assert_eq!(total(&summary, |s| s.retried), 2);
     assert_eq!(total(&summary, |s| s.ok), 1);
@@ -91,27 +147,67 @@ async fn always_failing_reaches_dlq_after_last_level_and_fatal_at_once() {
     p.script("fatal", vec![Step::Fatal("schema mismatch")]);
     let key = vec![0xff, 0x00, 0x7f];
     let payload = b"\x00not json at all\xff".to_vec();
-    let headers = |id: &str| vec![("message-id".to_string(), Some(id.as_bytes().to_vec())), ("user-h".into(), Some(vec![1, 2, 3])), ("null-h".into(), None)];
-    k.produce(&k.source, vec![(Some(key.clone()), payload.clone(), headers("always")), (Some(key.clone()), payload.clone(), headers("fatal"))]).await;
+    let headers = |id: &str| {
+        vec![
+            ("message-id".to_string(), Some(id.as_bytes().to_vec())),
+            ("user-h".into(), Some(vec![1, 2, 3])),
+            ("null-h".into(), None),
+        ]
+    };
+    k.produce(
+        &k.source,
+        vec![
+            (Some(key.clone()), payload.clone(), headers("always")),
+            (Some(key.clone()), payload.clone(), headers("fatal")),
+        ],
+    )
+    .await;
     let (running, shutdown) = consumer(&k, &p, &[("KAFKA_RETRY_BACKOFF", "200ms")]).await;
     let dlq = k.read_all(&k.dlq, 2, T);
     let summary = stop(running, shutdown).await;
     assert_eq!(dlq.len(), 2, "{dlq:?}");
     for d in &dlq {
         let id = d.message_id().unwrap();
-        let (attempt, kind, msg) = if id == "always" { ("4", "exhausted", "still down") } else { ("1", "fatal", "schema mismatch") };
+        let (attempt, kind, msg) = if id == "always" {
+            ("4", "exhausted", "still down")
+        } else {
+            ("1", "fatal", "schema mismatch")
+        };
         assert_eq!(header(d, HEADER_ATTEMPT).unwrap(), attempt, "{id}");
         assert_eq!(header(d, HEADER_ERROR_KIND).unwrap(), kind);
         assert_eq!(header(d, HEADER_ERROR_MESSAGE).unwrap(), msg);
         assert_eq!(header(d, HEADER_ORIGINAL_TOPIC).unwrap(), k.source);
-        assert!(header(d, HEADER_ORIGINAL_PARTITION).is_some() && header(d, HEADER_ORIGINAL_OFFSET).is_some());
-        assert!(header(d, HEADER_ORIGINAL_TIMESTAMP_MS).unwrap().parse::<i64>().unwrap() > 0);
-        assert!(header(d, HEADER_FAILED_AT_MS).unwrap().parse::<i64>().unwrap() > 0);
+        assert!(
+            header(d, HEADER_ORIGINAL_PARTITION).is_some()
+                && header(d, HEADER_ORIGINAL_OFFSET).is_some()
+        );
+        assert!(
+            header(d, HEADER_ORIGINAL_TIMESTAMP_MS)
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+                > 0
+        );
+        assert!(
+            header(d, HEADER_FAILED_AT_MS)
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+                > 0
+        );
         assert_eq!(header(d, HEADER_CONSUMER_GROUP).unwrap(), k.group);
-        assert!(header(d, HEADER_DUE_AT_MS).is_none(), "no due time on the DLQ");
+        assert!(
+            header(d, HEADER_DUE_AT_MS).is_none(),
+            "no due time on the DLQ"
+        );
         assert_eq!(d.key.as_deref(), Some(key.as_slice()));
         assert_eq!(d.payload.as_deref(), Some(payload.as_slice()));
-        let user: Vec<_> = d.headers.iter().filter(|(k, _)| !k.starts_with("courier-")).cloned().collect();
+        let user: Vec<_> = d
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("courier-"))
+            .cloned()
+            .collect();
         assert_eq!(user, headers(id));
     }
     assert_eq!(p.calls_for("always").len(), 4, "source + 3 retry levels");
@@ -124,16 +220,37 @@ async fn duplicates_are_processed_once_and_missing_ids_counted() {
     let k = TestKafka::new(2);
     let p = ScriptedProcessor::new();
     let body = |id: &str| format!(r#"{{"id":"{id}","type":"t"}}"#).into_bytes();
-    k.produce(&k.source, vec![
-        (Some(b"a".to_vec()), body("d1"), vec![("message-id".into(), Some(b"d1".to_vec()))]),
-        (Some(b"b".to_vec()), body("d1"), vec![("message-id".into(), Some(b"d1".to_vec()))]),
-        (Some(b"a".to_vec()), body("d1"), vec![("message-id".into(), Some(b"d1".to_vec()))]),
-        (Some(b"c".to_vec()), body("none"), vec![]),
-    ])
+    k.produce(
+        &k.source,
+        vec![
+            (
+                Some(b"a".to_vec()),
+                body("d1"),
+                vec![("message-id".into(), Some(b"d1".to_vec()))],
+            ),
+            (
+                Some(b"b".to_vec()),
+                body("d1"),
+                vec![("message-id".into(), Some(b"d1".to_vec()))],
+            ),
+            (
+                Some(b"a".to_vec()),
+                body("d1"),
+                vec![("message-id".into(), Some(b"d1".to_vec()))],
+            ),
+            (Some(b"c".to_vec()), body("none"), vec![]),
+        ],
+    )
     .await;
     let (running, shutdown) = consumer(&k, &p, &[]).await;
     let metrics = running.metrics.clone();
-    wait_for("all four finished", T, || metrics.render().contains("courier_messages_without_id_total 1") && p.calls() >= 2).await;
+    wait_for("all four finished", T, || {
+        metrics
+            .render()
+            .contains("courier_messages_without_id_total 1")
+            && p.calls() >= 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let summary = stop(running, shutdown).await;
     assert_eq!(p.calls_for("d1").len(), 1);
@@ -152,8 +269,14 @@ async fn a_slow_message_holds_the_commit_point() {
     wait_for("later offsets finished", T, || p.ok_ids().len() >= 5).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let held = k.committed(&k.source)[0];
-    assert!(!p.ok_ids().contains(&"s-0".to_string()), "the slow message is still in flight");
-    assert!(held <= 0, "commit point held at the slow offset 0, got {held}");
+    assert!(
+        !p.ok_ids().contains(&"s-0".to_string()),
+        "the slow message is still in flight"
+    );
+    assert!(
+        held <= 0,
+        "commit point held at the slow offset 0, got {held}"
+    );
     wait_for("slow one finished", T, || p.ok_ids().len() >= 10).await;
     stop(running, shutdown).await;
     assert_eq!(k.committed(&k.source), vec![10]);
@@ -164,7 +287,8 @@ async fn crash_without_final_commit_loses_nothing() {
     let k = TestKafka::new(2);
     let ids = k.produce_events("c", 60, 60).await;
     let first = ScriptedProcessor::with_sleep(Duration::from_millis(100));
-    let (running, _shutdown) = consumer(&k, &first, &[("KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "200")]).await;
+    let (running, _shutdown) =
+        consumer(&k, &first, &[("KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "200")]).await;
     wait_for("some processed", T, || first.calls() >= 10).await;
     running.done.abort(); // a crash: no drain, no final commit
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -187,14 +311,23 @@ async fn rejected_retry_publish_is_retried_then_committed() {
     let p = ScriptedProcessor::new();
     p.script("p-0", vec![Step::Fatal("bad")]);
     k.produce_events("p", 1, 1).await;
-    k.broker.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4]);
+    k.broker.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+    );
     let (running, shutdown) = consumer(&k, &p, &[("KAFKA_PRODUCER_IDEMPOTENT", "false")]).await;
     let metrics = running.metrics.clone();
     let dlq = k.read_all(&k.dlq, 1, T);
     assert_eq!(dlq.len(), 1);
-    wait_for("commit after the ack", T, || k.committed(&k.source) == vec![1]).await;
+    wait_for("commit after the ack", T, || {
+        k.committed(&k.source) == vec![1]
+    })
+    .await;
     let text = metrics.render();
-    assert!(text.contains("courier_publish_failures_total{reason=\"unauthorized\""), "{text}");
+    assert!(
+        text.contains("courier_publish_failures_total{reason=\"unauthorized\""),
+        "{text}"
+    );
     stop(running, shutdown).await;
 }
 
@@ -203,7 +336,15 @@ async fn backpressure_bounds_in_flight() {
     let k = TestKafka::new(3);
     k.produce_events("b", 300, 300).await;
     let p = ScriptedProcessor::with_sleep(Duration::from_millis(20));
-    let (running, shutdown) = consumer(&k, &p, &[("KAFKA_CONSUMER_MAX_IN_FLIGHT", "10"), ("KAFKA_CONSUMER_WORKERS", "64")]).await;
+    let (running, shutdown) = consumer(
+        &k,
+        &p,
+        &[
+            ("KAFKA_CONSUMER_MAX_IN_FLIGHT", "10"),
+            ("KAFKA_CONSUMER_WORKERS", "64"),
+        ],
+    )
+    .await;
     let metrics = running.metrics.clone();
     let mut max_seen = 0;
     let mut paused_seen = false;
@@ -229,15 +370,25 @@ async fn two_groups_share_one_retry_chain() {
     k.produce_events("g", 1, 1).await;
     let (ra, sa) = consumer(&k, &pa, &[("KAFKA_CONSUMER_GROUP_ID", "group-a")]).await;
     let (rb, sb) = consumer(&k, &pb, &[("KAFKA_CONSUMER_GROUP_ID", "group-b")]).await;
-    wait_for("both groups succeeded", T, || pa.ok_ids().len() == 1 && pb.ok_ids().len() == 1).await;
+    wait_for("both groups succeeded", T, || {
+        pa.ok_ids().len() == 1 && pb.ok_ids().len() == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (suma, sumb) = (stop(ra, sa).await, stop(rb, sb).await);
     for (p, group) in [(&pa, "group-a"), (&pb, "group-b")] {
         let calls = p.calls_for("g-0");
         assert_eq!(calls.len(), 2, "{group}: source + its own retry only");
-        assert_eq!(header(&calls[1].delivery, HEADER_CONSUMER_GROUP).unwrap(), group);
+        assert_eq!(
+            header(&calls[1].delivery, HEADER_CONSUMER_GROUP).unwrap(),
+            group
+        );
     }
-    assert_eq!(total(&suma, |s| s.skipped), 1, "group-a skipped group-b's retry");
+    assert_eq!(
+        total(&suma, |s| s.skipped),
+        1,
+        "group-a skipped group-b's retry"
+    );
     assert_eq!(total(&sumb, |s| s.skipped), 1);
 }
 
@@ -251,13 +402,23 @@ async fn per_key_order_on_a_source_partition() {
     stop(running, shutdown).await;
     let mut per_key: BTreeMap<Vec<u8>, Vec<i64>> = BTreeMap::new();
     for s in p.seen.lock().iter() {
-        per_key.entry(s.delivery.key.clone().unwrap()).or_default().push(s.delivery.offset);
+        per_key
+            .entry(s.delivery.key.clone().unwrap())
+            .or_default()
+            .push(s.delivery.offset);
     }
     assert_eq!(per_key.len(), 5);
     for (key, offsets) in per_key {
-        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "key {:?} out of order: {offsets:?}", String::from_utf8_lossy(&key));
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "key {:?} out of order: {offsets:?}",
+            String::from_utf8_lossy(&key)
+        );
     }
-    assert!(p.max_concurrent.load(Ordering::SeqCst) > 1, "keys ran in parallel");
+    assert!(
+        p.max_concurrent.load(Ordering::SeqCst) > 1,
+        "keys ran in parallel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,4 +441,72 @@ async fn readiness_waits_for_the_group() {
     }
     assert!(ready, "ready after joining");
     stop(running, shutdown).await;
+}
+
+/// A local HTTP endpoint for the `http` processor: answers 200 after `delay`, recording the
+/// `message-id` of each request when it is answered.
+async fn slow_endpoint(delay: Duration) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let s = s.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let id = headers
+                    .get("message-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                s.lock().push(id);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_commits_and_exits_0() {
+    let k = TestKafka::new(2);
+    let ids = k.produce_events("t", 20, 20).await;
+    let (url, seen) = slow_endpoint(Duration::from_millis(300)).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+        .arg("consumer")
+        .envs(k.env(&[
+            ("COURIER_PROCESSOR", "http"),
+            ("PROCESSOR_HTTP_URL", &url),
+            ("KAFKA_CONSUMER_WORKERS", "4"),
+        ]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("processing started", T, || !seen.lock().is_empty()).await;
+    let before = seen.lock().len();
+    let ok = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    let done: HashSet<String> = seen.lock().iter().cloned().collect();
+    assert!(
+        done.len() > before,
+        "in-flight work finished after the signal"
+    );
+    let committed: i64 = k.committed(&k.source).iter().map(|c| (*c).max(0)).sum();
+    assert_eq!(
+        committed as usize,
+        done.len(),
+        "exactly the finished messages are committed"
+    );
+    assert!(ids.iter().filter(|i| done.contains(*i)).count() == done.len());
 }

@@ -47,7 +47,11 @@ pub struct RunningConsumer {
 /// # Errors
 /// When a client cannot be created, the processor is misconfigured or the ops address
 /// cannot be bound.
-pub async fn start(config: Config, opts: ConsumerOptions, shutdown: CancellationToken) -> anyhow::Result<RunningConsumer> {
+pub async fn start(
+    config: Config,
+    opts: ConsumerOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningConsumer> {
     let metrics = opts.metrics.unwrap_or_default();
     let readiness = Readiness::new(metrics.clone(), true);
     let processor = match opts.processor {
@@ -59,8 +63,15 @@ pub async fn start(config: Config, opts: ConsumerOptions, shutdown: Cancellation
     let health = HealthChecker::start(&config, readiness.clone(), Some(kafka.clone()))?;
     let publisher: Arc<dyn Publisher> = kafka;
     let ops_shutdown = CancellationToken::new();
-    let (ops_addr, ops_task) = serve_ops(config.ops_addr, metrics.clone(), readiness.clone(), ops_shutdown.clone()).await?;
-    let dedupe: Arc<dyn DedupeStore> = Arc::new(MemoryDedupe::new(config.dedupe.ttl, config.dedupe.capacity));
+    let (ops_addr, ops_task) = serve_ops(
+        config.ops_addr,
+        metrics.clone(),
+        readiness.clone(),
+        ops_shutdown.clone(),
+    )
+    .await?;
+    let dedupe: Arc<dyn DedupeStore> =
+        Arc::new(MemoryDedupe::new(config.dedupe.ttl, config.dedupe.capacity));
     let ctx = Arc::new(WorkerContext {
         processor,
         publisher: publisher.clone(),
@@ -72,7 +83,13 @@ pub async fn start(config: Config, opts: ConsumerOptions, shutdown: Cancellation
         abort: CancellationToken::new(),
         publish_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
     });
-    let longest_delay = config.retry.backoff.iter().max().copied().unwrap_or_default();
+    let longest_delay = config
+        .retry
+        .backoff
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
     let cfg = PipelineConfig {
         workers: config.consumer.workers,
         max_in_flight: config.consumer.max_in_flight,
@@ -85,12 +102,24 @@ pub async fn start(config: Config, opts: ConsumerOptions, shutdown: Cancellation
     let flush_timeout = config.producer.flush_timeout;
     let done = tokio::spawn(async move {
         let control: Arc<dyn crate::service::source::ConsumerControl> = driver.control;
-        let summary = pipeline::run(cfg, ctx, control, driver.events, driver.deliveries, shutdown).await;
+        let summary = pipeline::run(
+            cfg,
+            ctx,
+            control,
+            driver.events,
+            driver.deliveries,
+            shutdown,
+        )
+        .await;
         publisher.flush(flush_timeout).await;
         health.stop();
         ops_shutdown.cancel();
         let _ = ops_task.await;
         summary
     });
-    Ok(RunningConsumer { ops_addr, metrics, done })
+    Ok(RunningConsumer {
+        ops_addr,
+        metrics,
+        done,
+    })
 }

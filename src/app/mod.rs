@@ -65,6 +65,8 @@ pub async fn auto_create_topics(config: &Config) {
                 tracing::info!(topic, outcome = ?outcome, "Topic provisioned.");
             }
         }
-        Err(e) => tracing::warn!(error = %e, "Topic provisioning failed; continuing with the topics that exist."),
+        Err(e) => {
+            tracing::warn!(error = %e, "Topic provisioning failed; continuing with the topics that exist.")
+        }
     }
 }

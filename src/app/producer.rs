@@ -40,7 +40,11 @@ pub struct RunningProducer {
 ///
 /// # Errors
 /// When the client cannot be created or an address cannot be bound.
-pub async fn start(config: Config, opts: ProducerOptions, shutdown: CancellationToken) -> anyhow::Result<RunningProducer> {
+pub async fn start(
+    config: Config,
+    opts: ProducerOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningProducer> {
     let metrics = Metrics::new();
     let readiness = Readiness::new(metrics.clone(), false);
     crate::app::auto_create_topics(&config).await;
@@ -48,7 +52,13 @@ pub async fn start(config: Config, opts: ProducerOptions, shutdown: Cancellation
     let health = HealthChecker::start(&config, readiness.clone(), Some(kafka.clone()))?;
     let publisher: Arc<dyn Publisher> = kafka.clone();
     let ledger = Arc::new(Ledger::default());
-    let (ops_addr, ops_task) = serve_ops(config.ops_addr, metrics.clone(), readiness.clone(), shutdown.clone()).await?;
+    let (ops_addr, ops_task) = serve_ops(
+        config.ops_addr,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(config.http.addr)
         .await
         .map_err(|e| anyhow::anyhow!("HTTP_ADDR={}: cannot listen: {e}", config.http.addr))?;
@@ -68,11 +78,18 @@ pub async fn start(config: Config, opts: ProducerOptions, shutdown: Cancellation
     );
     let http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await;
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await;
     });
     let stats = Arc::new(GeneratorStats::default());
     let gen_task = opts.generate.clone().map(|g| {
-        let (p, l, s, t) = (publisher.clone(), ledger.clone(), stats.clone(), shutdown.clone());
+        let (p, l, s, t) = (
+            publisher.clone(),
+            ledger.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        );
         let bounded = g.count.is_some();
         tokio::spawn(async move {
             generator::run(g, p, l, s, t.clone()).await;
@@ -97,14 +114,23 @@ pub async fn start(config: Config, opts: ProducerOptions, shutdown: Cancellation
         }
         let unflushed = publisher.flush(flush_timeout).await;
         if unflushed > 0 {
-            tracing::error!(unflushed, "Messages were still unacknowledged at the flush deadline.");
+            tracing::error!(
+                unflushed,
+                "Messages were still unacknowledged at the flush deadline."
+            );
         }
         done_ledger.log_summary();
         health.stop();
         let _ = ops_task.await;
         unflushed
     });
-    Ok(RunningProducer { http_addr, ops_addr, ledger, generator: stats, done })
+    Ok(RunningProducer {
+        http_addr,
+        ops_addr,
+        ledger,
+        generator: stats,
+        done,
+    })
 }
 
 /// Prints a live progress line on a terminal (stderr) until `shutdown`.
@@ -121,7 +147,13 @@ fn spawn_progress(stats: Arc<GeneratorStats>, shutdown: CancellationToken) {
             }
             let acked = stats.acked.load(Relaxed);
             let rate = acked as f64 / started.elapsed().as_secs_f64().max(0.001);
-            eprint!("\r\x1b[2Ksent {} | acked {} | failed {} | {:.0} msg/s", stats.sent.load(Relaxed), acked, stats.failed.load(Relaxed), rate);
+            eprint!(
+                "\r\x1b[2Ksent {} | acked {} | failed {} | {:.0} msg/s",
+                stats.sent.load(Relaxed),
+                acked,
+                stats.failed.load(Relaxed),
+                rate
+            );
             let _ = std::io::stderr().flush();
         }
         eprintln!();

@@ -44,7 +44,11 @@ pub async fn topics_list(config: &Config, out: &mut impl Write) -> anyhow::Resul
 ///
 /// # Errors
 /// When the mock cluster cannot start or the file cannot be written.
-pub async fn dev_broker(config: &Config, bootstrap_file: Option<&Path>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn dev_broker(
+    config: &Config,
+    bootstrap_file: Option<&Path>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let broker = DevBroker::start()?;
     for topic in config.all_topics() {
         broker.create_topic(&topic, config.kafka.topic_partitions)?;
@@ -54,7 +58,8 @@ pub async fn dev_broker(config: &Config, bootstrap_file: Option<&Path>, shutdown
     writeln!(stdout, "{bootstrap}")?;
     stdout.flush()?;
     if let Some(path) = bootstrap_file {
-        std::fs::write(path, format!("{bootstrap}\n")).map_err(|e| anyhow::anyhow!("--bootstrap-file {}: {e}", path.display()))?;
+        std::fs::write(path, format!("{bootstrap}\n"))
+            .map_err(|e| anyhow::anyhow!("--bootstrap-file {}: {e}", path.display()))?;
     }
     tracing::info!(bootstrap = %bootstrap, topics = ?config.all_topics(), partitions = config.kafka.topic_partitions, "The in-memory dev broker is running (nothing is kept on disk; for local runs and tests only).");
     shutdown.cancelled().await;

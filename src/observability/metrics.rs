@@ -2,8 +2,8 @@
 //! Labels never carry message ids or other unbounded values.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every courier metric, registered in its own [`Registry`] (one per service instance, so
@@ -84,21 +84,82 @@ impl Metrics {
             )
         };
         Metrics {
-            messages_published: reg!(counter_vec("messages_published_total", "Messages acknowledged by the broker, by topic.", &["topic"])),
-            publish_failures: reg!(counter_vec("publish_failures_total", "Publishes that failed, by topic and reason.", &["topic", "reason"])),
-            messages_received: reg!(counter_vec("messages_received_total", "Messages read from Kafka, by topic.", &["topic"])),
-            messages_processed: reg!(counter_vec("messages_processed_total", "Messages finished, by topic and outcome (ok, retry, dlq, duplicate, skipped).", &["topic", "outcome"])),
-            messages_without_id: reg!(IntCounter::with_opts(Opts::new("messages_without_id_total", "Messages processed without a message-id header (not deduplicated).").namespace("courier"))),
-            processing_duration: reg!(hist("processing_duration_seconds", "Time the processor took per message.")),
-            end_to_end_latency: reg!(hist("end_to_end_latency_seconds", "From the message's Kafka timestamp to the end of its processing.")),
-            retry_lateness: reg!(hist("retry_lateness_seconds", "How late a retry ran: processing start minus its due time.")),
-            in_flight: reg!(IntGauge::with_opts(Opts::new("in_flight", "Messages received and not yet finished.").namespace("courier"))),
-            consumer_lag: reg!(IntGaugeVec::new(Opts::new("consumer_lag", "Messages behind the partition's high watermark.").namespace("courier"), &["topic", "partition"])),
-            paused_partitions: reg!(IntGauge::with_opts(Opts::new("paused_partitions", "Partitions paused (back-pressure or a retry not yet due).").namespace("courier"))),
-            dedupe_entries: reg!(IntGauge::with_opts(Opts::new("dedupe_entries", "message-ids held by the dedupe store.").namespace("courier"))),
-            broker_up: reg!(IntGauge::with_opts(Opts::new("broker_up", "1 while the broker answers metadata probes.").namespace("courier"))),
-            http_requests: reg!(counter_vec("http_requests_total", "Ingest API requests by matched route and status.", &["route", "status"])),
-            commits: reg!(counter_vec("commits_total", "Offset commits by result.", &["result"])),
+            messages_published: reg!(counter_vec(
+                "messages_published_total",
+                "Messages acknowledged by the broker, by topic.",
+                &["topic"]
+            )),
+            publish_failures: reg!(counter_vec(
+                "publish_failures_total",
+                "Publishes that failed, by topic and reason.",
+                &["topic", "reason"]
+            )),
+            messages_received: reg!(counter_vec(
+                "messages_received_total",
+                "Messages read from Kafka, by topic.",
+                &["topic"]
+            )),
+            messages_processed: reg!(counter_vec(
+                "messages_processed_total",
+                "Messages finished, by topic and outcome (ok, retry, dlq, duplicate, skipped).",
+                &["topic", "outcome"]
+            )),
+            messages_without_id: reg!(IntCounter::with_opts(
+                Opts::new(
+                    "messages_without_id_total",
+                    "Messages processed without a message-id header (not deduplicated)."
+                )
+                .namespace("courier")
+            )),
+            processing_duration: reg!(hist(
+                "processing_duration_seconds",
+                "Time the processor took per message."
+            )),
+            end_to_end_latency: reg!(hist(
+                "end_to_end_latency_seconds",
+                "From the message's Kafka timestamp to the end of its processing."
+            )),
+            retry_lateness: reg!(hist(
+                "retry_lateness_seconds",
+                "How late a retry ran: processing start minus its due time."
+            )),
+            in_flight: reg!(IntGauge::with_opts(
+                Opts::new("in_flight", "Messages received and not yet finished.")
+                    .namespace("courier")
+            )),
+            consumer_lag: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "consumer_lag",
+                    "Messages behind the partition's high watermark."
+                )
+                .namespace("courier"),
+                &["topic", "partition"]
+            )),
+            paused_partitions: reg!(IntGauge::with_opts(
+                Opts::new(
+                    "paused_partitions",
+                    "Partitions paused (back-pressure or a retry not yet due)."
+                )
+                .namespace("courier")
+            )),
+            dedupe_entries: reg!(IntGauge::with_opts(
+                Opts::new("dedupe_entries", "message-ids held by the dedupe store.")
+                    .namespace("courier")
+            )),
+            broker_up: reg!(IntGauge::with_opts(
+                Opts::new("broker_up", "1 while the broker answers metadata probes.")
+                    .namespace("courier")
+            )),
+            http_requests: reg!(counter_vec(
+                "http_requests_total",
+                "Ingest API requests by matched route and status.",
+                &["route", "status"]
+            )),
+            commits: reg!(counter_vec(
+                "commits_total",
+                "Offset commits by result.",
+                &["result"]
+            )),
             registry,
         }
     }
@@ -126,11 +187,17 @@ mod tests {
     fn renders_every_design_metric() {
         let m = Metrics::new();
         m.messages_published.with_label_values(&["events"]).inc();
-        m.publish_failures.with_label_values(&["events", "timeout"]).inc();
+        m.publish_failures
+            .with_label_values(&["events", "timeout"])
+            .inc();
         m.messages_received.with_label_values(&["events"]).inc();
-        m.messages_processed.with_label_values(&["events", "ok"]).inc();
+        m.messages_processed
+            .with_label_values(&["events", "ok"])
+            .inc();
         m.consumer_lag.with_label_values(&["events", "0"]).set(3);
-        m.http_requests.with_label_values(&["/v1/events", "200"]).inc();
+        m.http_requests
+            .with_label_values(&["/v1/events", "200"])
+            .inc();
         m.commits.with_label_values(&["ok"]).inc();
         let text = m.render();
         for name in [

@@ -52,13 +52,23 @@ pub struct GeneratorStats {
 /// # Errors
 /// Names the unknown type and lists the known ones.
 pub fn parse_types(s: &str) -> Result<Vec<String>, String> {
-    let types: Vec<String> = s.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect();
+    let types: Vec<String> = s
+        .split(',')
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
     if types.is_empty() {
-        return Err(format!("--types: expected one or more of {}", EVENT_TYPES.join(",")));
+        return Err(format!(
+            "--types: expected one or more of {}",
+            EVENT_TYPES.join(",")
+        ));
     }
     for t in &types {
         if !EVENT_TYPES.contains(&t.as_str()) {
-            return Err(format!("--types={s}: unknown type `{t}`; expected one or more of {}", EVENT_TYPES.join(",")));
+            return Err(format!(
+                "--types={s}: unknown type `{t}`; expected one or more of {}",
+                EVENT_TYPES.join(",")
+            ));
         }
     }
     Ok(types)
@@ -73,17 +83,31 @@ pub fn make_event(kind: &str, n: u64, rng: &mut impl Rng) -> serde_json::Value {
     let order = format!("ord-{:06}", n / 3);
     let customer = format!("cust-{:04}", rng.random_range(0..1000));
     let data = match kind {
-        "order_created" => json!({"order_id": order, "customer_id": customer, "amount": (rng.random_range(100..100_000) as f64) / 100.0, "currency": "EUR", "items": rng.random_range(1..6)}),
-        "payment_received" => json!({"payment_id": format!("pay-{n:06}"), "order_id": order, "amount": (rng.random_range(100..100_000) as f64) / 100.0, "method": pick(&["card", "transfer", "wallet"], rng)}),
-        _ => json!({"notification_id": format!("ntf-{n:06}"), "customer_id": customer, "channel": pick(&["email", "sms", "push"], rng), "template": "order_update"}),
+        "order_created" => {
+            json!({"order_id": order, "customer_id": customer, "amount": (rng.random_range(100..100_000) as f64) / 100.0, "currency": "EUR", "items": rng.random_range(1..6)})
+        }
+        "payment_received" => {
+            json!({"payment_id": format!("pay-{n:06}"), "order_id": order, "amount": (rng.random_range(100..100_000) as f64) / 100.0, "method": pick(&["card", "transfer", "wallet"], rng)})
+        }
+        _ => {
+            json!({"notification_id": format!("ntf-{n:06}"), "customer_id": customer, "channel": pick(&["email", "sms", "push"], rng), "template": "order_update"})
+        }
     };
-    let time = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    let time = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
     json!({"type": kind, "source": "courier-generator", "time": time, "key": order, "data": data})
 }
 
 /// Runs the generator until `count` events are acknowledged or failed, or `shutdown`.
 /// Waits for every publish it started before returning.
-pub async fn run(cfg: GeneratorConfig, publisher: Arc<dyn Publisher>, ledger: Arc<Ledger>, stats: Arc<GeneratorStats>, shutdown: CancellationToken) {
+pub async fn run(
+    cfg: GeneratorConfig,
+    publisher: Arc<dyn Publisher>,
+    ledger: Arc<Ledger>,
+    stats: Arc<GeneratorStats>,
+    shutdown: CancellationToken,
+) {
     let pending = Arc::new(Semaphore::new(cfg.max_pending.max(1)));
     let tick = Duration::from_millis(10);
     let per_tick = cfg.rate.max(0.001) * tick.as_secs_f64();
@@ -92,7 +116,11 @@ pub async fn run(cfg: GeneratorConfig, publisher: Arc<dyn Publisher>, ledger: Ar
     let mut budget = 0.0f64;
     let mut n: u64 = 0;
     let mut recent_ids: Vec<String> = Vec::with_capacity(1024);
-    let types = if cfg.types.is_empty() { EVENT_TYPES.iter().map(|s| s.to_string()).collect() } else { cfg.types.clone() };
+    let types = if cfg.types.is_empty() {
+        EVENT_TYPES.iter().map(|s| s.to_string()).collect()
+    } else {
+        cfg.types.clone()
+    };
     'outer: loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -111,7 +139,8 @@ pub async fn run(cfg: GeneratorConfig, publisher: Arc<dyn Publisher>, ledger: Ar
             let (value, duplicate) = {
                 let mut rng = rand::rng();
                 let mut v = make_event(&types[(n as usize) % types.len()], n, &mut rng);
-                let dup = !recent_ids.is_empty() && rng.random_bool(cfg.duplicate_share.clamp(0.0, 1.0));
+                let dup =
+                    !recent_ids.is_empty() && rng.random_bool(cfg.duplicate_share.clamp(0.0, 1.0));
                 if dup {
                     v["id"] = json!(recent_ids[rng.random_range(0..recent_ids.len())]);
                 }
@@ -119,18 +148,34 @@ pub async fn run(cfg: GeneratorConfig, publisher: Arc<dyn Publisher>, ledger: Ar
             };
             n += 1;
             // Generated events are always valid envelopes.
-            let Ok(env) = Envelope::from_value(value) else { continue };
+            let Ok(env) = Envelope::from_value(value) else {
+                continue;
+            };
             if !duplicate {
-                if recent_ids.len() < 1024 { recent_ids.push(env.id.clone()) } else { recent_ids[(n as usize) % 1024] = env.id.clone() }
+                if recent_ids.len() < 1024 {
+                    recent_ids.push(env.id.clone())
+                } else {
+                    recent_ids[(n as usize) % 1024] = env.id.clone()
+                }
             }
             stats.sent.fetch_add(1, Ordering::Relaxed);
-            let (publisher, ledger, stats, topic) = (publisher.clone(), ledger.clone(), stats.clone(), cfg.topic.clone());
+            let (publisher, ledger, stats, topic) = (
+                publisher.clone(),
+                ledger.clone(),
+                stats.clone(),
+                cfg.topic.clone(),
+            );
             tokio::spawn(async move {
                 let res = publisher.publish(env.to_record(&topic)).await;
                 ledger.record(&topic, &res);
                 match &res {
-                    Ok(_) if duplicate => { stats.acked.fetch_add(1, Ordering::Relaxed); stats.duplicates.fetch_add(1, Ordering::Relaxed); }
-                    Ok(_) => { stats.acked.fetch_add(1, Ordering::Relaxed); }
+                    Ok(_) if duplicate => {
+                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {
+                        stats.acked.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) => {
                         stats.failed.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(message_id = %env.id, topic, error = %e, "A generated event was not published.");
@@ -152,8 +197,15 @@ mod tests {
 
     #[test]
     fn types_are_validated() {
-        assert_eq!(parse_types("order_created, payment_received").unwrap().len(), 2);
-        assert!(parse_types("order_created,refund").unwrap_err().contains("unknown type `refund`"));
+        assert_eq!(
+            parse_types("order_created, payment_received")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(parse_types("order_created,refund")
+            .unwrap_err()
+            .contains("unknown type `refund`"));
         assert!(parse_types(" , ").is_err());
     }
 
@@ -169,12 +221,34 @@ mod tests {
     #[tokio::test]
     async fn publishes_count_events_with_duplicates() {
         let mut p = MockPublisher::new();
-        p.expect_publish().times(200).returning(|_| Ok(Ack { partition: 0, offset: 0 }));
+        p.expect_publish().times(200).returning(|_| {
+            Ok(Ack {
+                partition: 0,
+                offset: 0,
+            })
+        });
         let stats = Arc::new(GeneratorStats::default());
-        let cfg = GeneratorConfig { topic: "events".into(), rate: 20_000.0, count: Some(200), types: vec![], duplicate_share: 0.2, max_pending: 16 };
-        run(cfg, Arc::new(p), Arc::new(Ledger::default()), stats.clone(), CancellationToken::new()).await;
+        let cfg = GeneratorConfig {
+            topic: "events".into(),
+            rate: 20_000.0,
+            count: Some(200),
+            types: vec![],
+            duplicate_share: 0.2,
+            max_pending: 16,
+        };
+        run(
+            cfg,
+            Arc::new(p),
+            Arc::new(Ledger::default()),
+            stats.clone(),
+            CancellationToken::new(),
+        )
+        .await;
         assert_eq!(stats.acked.load(Ordering::Relaxed), 200);
         let dups = stats.duplicates.load(Ordering::Relaxed);
-        assert!(dups > 5 && dups < 100, "about a fifth are duplicates: {dups}");
+        assert!(
+            dups > 5 && dups < 100,
+            "about a fifth are duplicates: {dups}"
+        );
     }
 }

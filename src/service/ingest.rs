@@ -46,8 +46,20 @@ impl Ledger {
     /// Records one publish result.
     pub fn record(&self, topic: &str, result: &Result<Ack, PublishError>) {
         match result {
-            Ok(ack) => *self.published.lock().entry((topic.to_owned(), ack.partition)).or_default() += 1,
-            Err(e) => *self.failed.lock().entry((topic.to_owned(), e.kind.label())).or_default() += 1,
+            Ok(ack) => {
+                *self
+                    .published
+                    .lock()
+                    .entry((topic.to_owned(), ack.partition))
+                    .or_default() += 1
+            }
+            Err(e) => {
+                *self
+                    .failed
+                    .lock()
+                    .entry((topic.to_owned(), e.kind.label()))
+                    .or_default() += 1
+            }
         }
     }
 
@@ -69,10 +81,20 @@ impl Ledger {
     /// Logs the summary, one line per topic and partition and per failure reason.
     pub fn log_summary(&self) {
         for ((topic, partition), n) in self.published() {
-            tracing::info!(topic, partition, published = n, "Published to this partition.");
+            tracing::info!(
+                topic,
+                partition,
+                published = n,
+                "Published to this partition."
+            );
         }
         for ((topic, reason), n) in self.failed() {
-            tracing::warn!(topic, reason, failed = n, "Publishes failed for this reason.");
+            tracing::warn!(
+                topic,
+                reason,
+                failed = n,
+                "Publishes failed for this reason."
+            );
         }
         tracing::info!(published = self.total_published(), "Producer summary.");
     }
@@ -88,74 +110,177 @@ struct IngestState {
 }
 
 /// The ingest router.
-pub fn router(cfg: IngestConfig, publisher: Arc<dyn Publisher>, readiness: Arc<Readiness>, metrics: Metrics, ledger: Arc<Ledger>) -> Router {
-    let state = IngestState { cfg: Arc::new(cfg), publisher, readiness, metrics, ledger };
+pub fn router(
+    cfg: IngestConfig,
+    publisher: Arc<dyn Publisher>,
+    readiness: Arc<Readiness>,
+    metrics: Metrics,
+    ledger: Arc<Ledger>,
+) -> Router {
+    let state = IngestState {
+        cfg: Arc::new(cfg),
+        publisher,
+        readiness,
+        metrics,
+        ledger,
+    };
     Router::new()
         .route("/v1/events", post(post_default))
         .route("/v1/topics/{topic}/events", post(post_topic))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route: POST /v1/events or /v1/topics/{topic}/events", None) })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route: POST /v1/events or /v1/topics/{topic}/events",
+                None,
+            )
+        })
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: &str, details: Option<Value>) -> Response {
-    let mut body = json!({"error": message});
-    if let Some(d) = details {
-        body["details"] = d;
+/// An error answer: status and a JSON body `{"error": ..., "details": ...}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Option<Value>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.message});
+        if let Some(d) = self.details {
+            body["details"] = d;
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
     }
-    (status, Json(body)).into_response()
+}
+
+fn error(status: StatusCode, message: &str, details: Option<Value>) -> ApiError {
+    ApiError {
+        status,
+        message: message.to_owned(),
+        details,
+    }
 }
 
 async fn post_default(State(s): State<IngestState>, headers: HeaderMap, body: Body) -> Response {
     let topic = s.cfg.default_topic.clone();
     let resp = ingest(&s, &topic, &headers, body).await;
-    s.metrics.http_requests.with_label_values(&["/v1/events", resp.status().as_str()]).inc();
+    s.metrics
+        .http_requests
+        .with_label_values(&["/v1/events", resp.status().as_str()])
+        .inc();
     resp
 }
 
-async fn post_topic(State(s): State<IngestState>, Path(topic): Path<String>, headers: HeaderMap, body: Body) -> Response {
-    let resp = if s.cfg.allowed_topics.iter().any(|t| *t == topic) {
+async fn post_topic(
+    State(s): State<IngestState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let resp = if s.cfg.allowed_topics.contains(&topic) {
         ingest(&s, &topic, &headers, body).await
     } else {
-        error(StatusCode::NOT_FOUND, &format!("topic `{topic}` is not in KAFKA_PRODUCER_ALLOWED_TOPICS"), None)
+        error(
+            StatusCode::NOT_FOUND,
+            &format!("topic `{topic}` is not in KAFKA_PRODUCER_ALLOWED_TOPICS"),
+            None,
+        )
+        .into_response()
     };
-    s.metrics.http_requests.with_label_values(&["/v1/topics/{topic}/events", resp.status().as_str()]).inc();
+    s.metrics
+        .http_requests
+        .with_label_values(&["/v1/topics/{topic}/events", resp.status().as_str()])
+        .inc();
     resp
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
-async fn read_body(s: &IngestState, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
+async fn read_body(s: &IngestState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let limit = s.cfg.max_body_bytes;
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the body is larger than {limit} bytes (HTTP_MAX_BODY_BYTES)"), None);
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is larger than {limit} bytes (HTTP_MAX_BODY_BYTES)"),
+            None,
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let length_limit = std::error::Error::source(&e).is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
+        let length_limit = std::error::Error::source(&e)
+            .is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
         if length_limit {
             too_large()
         } else {
-            error(StatusCode::BAD_REQUEST, &format!("could not read the body: {e}"), None)
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("could not read the body: {e}"),
+                None,
+            )
         }
     })
 }
 
 /// Parses and validates a body into envelopes, or the 4xx response saying what is wrong.
-fn parse_events(s: &IngestState, bytes: &[u8]) -> Result<Vec<Envelope>, Response> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed JSON: {e}"), None))?;
+fn parse_events(s: &IngestState, bytes: &[u8]) -> Result<Vec<Envelope>, ApiError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("malformed JSON: {e}"),
+            None,
+        )
+    })?;
     let items = match value {
-        Value::Array(items) if items.is_empty() => return Err(error(StatusCode::BAD_REQUEST, "the batch is empty", None)),
+        Value::Array(items) if items.is_empty() => {
+            return Err(error(StatusCode::BAD_REQUEST, "the batch is empty", None))
+        }
         Value::Array(items) if items.len() > s.cfg.max_batch_events => {
-            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, &format!("a batch holds at most {} events (HTTP_MAX_BATCH_EVENTS); this one has {}", s.cfg.max_batch_events, items.len()), None))
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "a batch holds at most {} events (HTTP_MAX_BATCH_EVENTS); this one has {}",
+                    s.cfg.max_batch_events,
+                    items.len()
+                ),
+                None,
+            ))
         }
         Value::Array(items) => items,
         Value::Object(_) => vec![value],
-        _ => return Err(error(StatusCode::BAD_REQUEST, "the body must be an event object or an array of events", None)),
+        _ => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "the body must be an event object or an array of events",
+                None,
+            ))
+        }
     };
     let mut envelopes = Vec::with_capacity(items.len());
     let mut problems = Vec::new();
@@ -166,26 +291,38 @@ fn parse_events(s: &IngestState, bytes: &[u8]) -> Result<Vec<Envelope>, Response
         }
     }
     if !problems.is_empty() {
-        let first = problems[0]["error"].as_str().unwrap_or("invalid event").to_owned();
-        return Err(error(StatusCode::BAD_REQUEST, &format!("invalid event: {first}; nothing was published"), Some(Value::Array(problems))));
+        let first = problems[0]["error"]
+            .as_str()
+            .unwrap_or("invalid event")
+            .to_owned();
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid event: {first}; nothing was published"),
+            Some(Value::Array(problems)),
+        ));
     }
     Ok(envelopes)
 }
 
 async fn ingest(s: &IngestState, topic: &str, headers: &HeaderMap, body: Body) -> Response {
     if !is_json(headers) {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json", None);
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+            None,
+        )
+        .into_response();
     }
     let bytes = match read_body(s, headers, body).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let envelopes = match parse_events(s, &bytes) {
         Ok(e) => e,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     if let Err(reason) = s.readiness.check() {
-        return unavailable(&format!("the broker is unavailable: {reason}"), None);
+        return unavailable(&format!("the broker is unavailable: {reason}"), None).into_response();
     }
     let records: Vec<OutgoingRecord> = envelopes.iter().map(|e| e.to_record(topic)).collect();
     let timeout = s.cfg.request_timeout;
@@ -194,7 +331,13 @@ async fn ingest(s: &IngestState, topic: &str, headers: &HeaderMap, body: Body) -
         async move {
             match tokio::time::timeout(timeout, publisher.publish(r)).await {
                 Ok(res) => res,
-                Err(_) => Err(PublishError { kind: PublishFailure::Timeout, message: format!("no acknowledgement within {} ms (HTTP_REQUEST_TIMEOUT_MS)", timeout.as_millis()) }),
+                Err(_) => Err(PublishError {
+                    kind: PublishFailure::Timeout,
+                    message: format!(
+                        "no acknowledgement within {} ms (HTTP_REQUEST_TIMEOUT_MS)",
+                        timeout.as_millis()
+                    ),
+                }),
             }
         }
     }))
@@ -202,13 +345,16 @@ async fn ingest(s: &IngestState, topic: &str, headers: &HeaderMap, body: Body) -
     respond(s, topic, &envelopes, results)
 }
 
-fn unavailable(message: &str, details: Option<Value>) -> Response {
-    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, message, details);
-    resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    resp
+fn unavailable(message: &str, details: Option<Value>) -> ApiError {
+    error(StatusCode::SERVICE_UNAVAILABLE, message, details)
 }
 
-fn respond(s: &IngestState, topic: &str, envelopes: &[Envelope], results: Vec<Result<Ack, PublishError>>) -> Response {
+fn respond(
+    s: &IngestState,
+    topic: &str,
+    envelopes: &[Envelope],
+    results: Vec<Result<Ack, PublishError>>,
+) -> Response {
     let mut out = Vec::with_capacity(results.len());
     let mut worst: Option<PublishFailure> = None;
     for (env, res) in envelopes.iter().zip(&results) {
@@ -226,10 +372,15 @@ fn respond(s: &IngestState, topic: &str, envelopes: &[Envelope], results: Vec<Re
     }
     match worst {
         None => (StatusCode::OK, Json(json!({"results": out}))).into_response(),
-        Some(PublishFailure::MessageTooLarge) => error(StatusCode::PAYLOAD_TOO_LARGE, "the broker refused an event as too large; see results", Some(Value::Array(out))),
+        Some(PublishFailure::MessageTooLarge) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the broker refused an event as too large; see results",
+            Some(Value::Array(out)),
+        )
+        .into_response(),
         Some(_) => {
             let failed = out.iter().filter(|r| r.get("error").is_some()).count();
-            unavailable(&format!("{failed} of {} events were not published; see results (events without an error were published)", out.len()), Some(Value::Array(out)))
+            unavailable(&format!("{failed} of {} events were not published; see results (events without an error were published)", out.len()), Some(Value::Array(out))).into_response()
         }
     }
 }
@@ -247,8 +398,20 @@ mod tests {
         if broker_up {
             readiness.broker_ok();
         }
-        let cfg = IngestConfig { default_topic: "events".into(), allowed_topics: vec!["events".into(), "audit".into()], max_body_bytes: 4096, max_batch_events: 3, request_timeout: Duration::from_millis(200) };
-        router(cfg, Arc::new(publisher), readiness, metrics, Arc::new(Ledger::default()))
+        let cfg = IngestConfig {
+            default_topic: "events".into(),
+            allowed_topics: vec!["events".into(), "audit".into()],
+            max_body_bytes: 4096,
+            max_batch_events: 3,
+            request_timeout: Duration::from_millis(200),
+        };
+        router(
+            cfg,
+            Arc::new(publisher),
+            readiness,
+            metrics,
+            Arc::new(Ledger::default()),
+        )
     }
 
     async fn post(app: Router, uri: &str, ct: Option<&str>, body: &str) -> (StatusCode, Value) {
@@ -256,10 +419,18 @@ mod tests {
         if let Some(ct) = ct {
             req = req.header("content-type", ct);
         }
-        let resp = app.oneshot(req.body(Body::from(body.to_owned())).unwrap()).await.unwrap();
+        let resp = app
+            .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     fn never_publishes() -> MockPublisher {
@@ -272,28 +443,92 @@ mod tests {
     async fn bad_input_gets_4xx_json_and_publishes_nothing() {
         let big = format!("{{\"type\":\"t\",\"data\":\"{}\"}}", "x".repeat(5000));
         let cases: Vec<(&str, Option<&str>, String, StatusCode)> = vec![
-            ("/v1/events", Some("application/json"), "{not json".into(), StatusCode::BAD_REQUEST),
-            ("/v1/events", Some("application/json"), "{\"id\":\"a\"}".into(), StatusCode::BAD_REQUEST),
-            ("/v1/events", Some("application/json"), "{\"type\":7}".into(), StatusCode::BAD_REQUEST),
-            ("/v1/events", Some("application/json"), "[]".into(), StatusCode::BAD_REQUEST),
-            ("/v1/events", Some("application/json"), "42".into(), StatusCode::BAD_REQUEST),
-            ("/v1/events", Some("application/json"), "[{\"type\":\"a\"},{\"nope\":1}]".into(), StatusCode::BAD_REQUEST),
-            ("/v1/events", Some("application/json"), "[{\"type\":\"a\"},{\"type\":\"a\"},{\"type\":\"a\"},{\"type\":\"a\"}]".into(), StatusCode::PAYLOAD_TOO_LARGE),
-            ("/v1/events", Some("application/json"), big, StatusCode::PAYLOAD_TOO_LARGE),
-            ("/v1/events", Some("text/plain"), "{\"type\":\"t\"}".into(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-            ("/v1/events", None, "{\"type\":\"t\"}".into(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-            ("/v1/topics/secret/events", Some("application/json"), "{\"type\":\"t\"}".into(), StatusCode::NOT_FOUND),
+            (
+                "/v1/events",
+                Some("application/json"),
+                "{not json".into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/events",
+                Some("application/json"),
+                "{\"id\":\"a\"}".into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/events",
+                Some("application/json"),
+                "{\"type\":7}".into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/events",
+                Some("application/json"),
+                "[]".into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/events",
+                Some("application/json"),
+                "42".into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/events",
+                Some("application/json"),
+                "[{\"type\":\"a\"},{\"nope\":1}]".into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "/v1/events",
+                Some("application/json"),
+                "[{\"type\":\"a\"},{\"type\":\"a\"},{\"type\":\"a\"},{\"type\":\"a\"}]".into(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                "/v1/events",
+                Some("application/json"),
+                big,
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                "/v1/events",
+                Some("text/plain"),
+                "{\"type\":\"t\"}".into(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                "/v1/events",
+                None,
+                "{\"type\":\"t\"}".into(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                "/v1/topics/secret/events",
+                Some("application/json"),
+                "{\"type\":\"t\"}".into(),
+                StatusCode::NOT_FOUND,
+            ),
         ];
         for (uri, ct, body, want) in cases {
             let (status, json) = post(app(never_publishes(), true), uri, ct, &body).await;
             assert_eq!(status, want, "{uri} {ct:?} {body:.60}");
-            assert!(json["error"].is_string(), "JSON error for {body:.60}: {json}");
+            assert!(
+                json["error"].is_string(),
+                "JSON error for {body:.60}: {json}"
+            );
         }
     }
 
     #[tokio::test]
     async fn invalid_event_in_batch_names_its_index() {
-        let (status, json) = post(app(never_publishes(), true), "/v1/events", Some("application/json"), "[{\"type\":\"a\"},{\"type\":1}]").await;
+        let (status, json) = post(
+            app(never_publishes(), true),
+            "/v1/events",
+            Some("application/json"),
+            "[{\"type\":\"a\"},{\"type\":1}]",
+        )
+        .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(json["details"][0]["index"], 1);
         assert_eq!(json["details"][0]["error"], "field `type` must be a string");
@@ -301,7 +536,13 @@ mod tests {
 
     #[tokio::test]
     async fn broker_down_answers_503_without_publishing() {
-        let (status, json) = post(app(never_publishes(), false), "/v1/events", Some("application/json"), "{\"type\":\"t\"}").await;
+        let (status, json) = post(
+            app(never_publishes(), false),
+            "/v1/events",
+            Some("application/json"),
+            "{\"type\":\"t\"}",
+        )
+        .await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(json["error"].as_str().unwrap().contains("broker"));
     }
@@ -311,11 +552,23 @@ mod tests {
         let mut p = MockPublisher::new();
         p.expect_publish().times(2).returning(|r| {
             assert_eq!(r.topic, "audit");
-            Ok(Ack { partition: 1, offset: 5 })
+            Ok(Ack {
+                partition: 1,
+                offset: 5,
+            })
         });
-        let (status, json) = post(app(p, true), "/v1/topics/audit/events", Some("application/json; charset=utf-8"), "[{\"type\":\"a\",\"id\":\"x1\"},{\"type\":\"b\",\"id\":\"x2\"}]").await;
+        let (status, json) = post(
+            app(p, true),
+            "/v1/topics/audit/events",
+            Some("application/json; charset=utf-8"),
+            "[{\"type\":\"a\",\"id\":\"x1\"},{\"type\":\"b\",\"id\":\"x2\"}]",
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(json["results"][0], json!({"id": "x1", "topic": "audit", "partition": 1, "offset": 5}));
+        assert_eq!(
+            json["results"][0],
+            json!({"id": "x1", "topic": "audit", "partition": 1, "offset": 5})
+        );
         assert_eq!(json["results"][1]["id"], "x2");
     }
 
@@ -324,12 +577,24 @@ mod tests {
         let mut p = MockPublisher::new();
         p.expect_publish().times(2).returning(|r| {
             if r.headers[0].1.as_deref() == Some(b"bad".as_slice()) {
-                Err(PublishError { kind: PublishFailure::QueueFull, message: "queue full".into() })
+                Err(PublishError {
+                    kind: PublishFailure::QueueFull,
+                    message: "queue full".into(),
+                })
             } else {
-                Ok(Ack { partition: 0, offset: 1 })
+                Ok(Ack {
+                    partition: 0,
+                    offset: 1,
+                })
             }
         });
-        let (status, json) = post(app(p, true), "/v1/events", Some("application/json"), "[{\"type\":\"a\",\"id\":\"ok\"},{\"type\":\"b\",\"id\":\"bad\"}]").await;
+        let (status, json) = post(
+            app(p, true),
+            "/v1/events",
+            Some("application/json"),
+            "[{\"type\":\"a\",\"id\":\"ok\"},{\"type\":\"b\",\"id\":\"bad\"}]",
+        )
+        .await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(json["details"][0]["offset"], 1);
         assert_eq!(json["details"][1]["reason"], "queue_full");

@@ -141,7 +141,9 @@ pub async fn run(
             break;
         }
         let can_read = !st.draining && st.pending.is_empty() && st.in_flight < cfg.max_in_flight;
-        let due_in = st.next_due().map(|due| Duration::from_millis((due - now_ms()).max(0) as u64));
+        let due_in = st
+            .next_due()
+            .map(|due| Duration::from_millis((due - now_ms()).max(0) as u64));
         let revoke_deadline = st.revoke.as_ref().map(|r| r.deadline);
         tokio::select! {
             biased;
@@ -191,7 +193,11 @@ pub async fn run(
     st.finish(&mut done_rx).await
 }
 
-fn spawn_lanes(cfg: &PipelineConfig, ctx: &Arc<WorkerContext>, done: &mpsc::Sender<Completion>) -> Vec<mpsc::Sender<LaneJob>> {
+fn spawn_lanes(
+    cfg: &PipelineConfig,
+    ctx: &Arc<WorkerContext>,
+    done: &mpsc::Sender<Completion>,
+) -> Vec<mpsc::Sender<LaneJob>> {
     (0..cfg.workers)
         .map(|_| {
             // A lane never holds more than the in-flight bound, so `try_send` cannot fail.
@@ -201,7 +207,12 @@ fn spawn_lanes(cfg: &PipelineConfig, ctx: &Arc<WorkerContext>, done: &mpsc::Send
             tokio::spawn(async move {
                 while let Some(lj) = rx.recv().await {
                     let outcome = ctx.handle(&lj.job).await;
-                    let c = Completion { tp: lj.tp, generation: lj.generation, offset: lj.job.delivery.offset, outcome };
+                    let c = Completion {
+                        tp: lj.tp,
+                        generation: lj.generation,
+                        offset: lj.job.delivery.offset,
+                        outcome,
+                    };
                     if done.send(c).await.is_err() {
                         break;
                     }
@@ -235,7 +246,9 @@ impl State {
 
     fn accept_pending(&mut self) {
         while !self.draining && self.in_flight < self.cfg.max_in_flight {
-            let Some((d, epoch)) = self.pending.pop_front() else { break };
+            let Some((d, epoch)) = self.pending.pop_front() else {
+                break;
+            };
             self.accept(d, epoch);
         }
         let over = self.in_flight >= self.cfg.max_in_flight;
@@ -249,7 +262,9 @@ impl State {
 
     fn accept(&mut self, d: Delivery, epoch: Epoch) {
         let tp = Tp::new(d.topic.clone(), d.partition);
-        let Some(part) = self.parts.get_mut(&tp) else { return };
+        let Some(part) = self.parts.get_mut(&tp) else {
+            return;
+        };
         if part.fetch_epoch != epoch || part.revoking || part.waiting_until.is_some() {
             return; // fetched before a seek or from an earlier assignment
         }
@@ -260,7 +275,10 @@ impl State {
             if !h.malformed.is_empty() {
                 tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, headers = ?h.malformed, "Malformed courier headers are treated as absent.");
             }
-            skip = h.consumer_group.as_deref().is_some_and(|g| g != self.ctx.group);
+            skip = h
+                .consumer_group
+                .as_deref()
+                .is_some_and(|g| g != self.ctx.group);
             let now = now_ms();
             let horizon = now + self.cfg.max_due_ahead.as_millis() as i64;
             match h.due_at_ms {
@@ -278,17 +296,34 @@ impl State {
         }
         part.offsets.start(d.offset);
         self.in_flight += 1;
-        self.ctx.metrics.messages_received.with_label_values(&[&d.topic]).inc();
+        self.ctx
+            .metrics
+            .messages_received
+            .with_label_values(&[&d.topic])
+            .inc();
         self.summary.entry(tp.clone()).or_default().received += 1;
         let generation = part.generation;
         if skip {
             tracing::debug!(topic = %d.topic, partition = d.partition, offset = d.offset, "Skipped another consumer group's retry message.");
-            self.on_completion(Completion { tp, generation, offset: d.offset, outcome: Outcome::Skipped });
+            self.on_completion(Completion {
+                tp,
+                generation,
+                offset: d.offset,
+                outcome: Outcome::Skipped,
+            });
             return;
         }
         let level = part.level;
         let lane = lane_of(d.key.as_deref(), self.lanes.len(), &mut self.round_robin);
-        let job = LaneJob { tp, generation, job: Job { delivery: d, level, due_at_ms } };
+        let job = LaneJob {
+            tp,
+            generation,
+            job: Job {
+                delivery: d,
+                level,
+                due_at_ms,
+            },
+        };
         if let Err(e) = self.lanes[lane].try_send(job) {
             // Unreachable while the bound holds; never drop silently.
             tracing::error!(error = %e, "A worker lane refused a message; it stays uncommitted.");
@@ -309,7 +344,11 @@ impl State {
                 return;
             }
         }
-        self.ctx.metrics.messages_processed.with_label_values(&[&c.tp.topic, c.outcome.label()]).inc();
+        self.ctx
+            .metrics
+            .messages_processed
+            .with_label_values(&[&c.tp.topic, c.outcome.label()])
+            .inc();
         if let Some(part) = self.parts.get_mut(&c.tp) {
             if part.generation == c.generation {
                 part.offsets.finish(c.offset);
@@ -321,9 +360,24 @@ impl State {
         match c {
             Control::Assigned(list) => {
                 for (tp, epoch) in list {
-                    let level = self.ctx.retry.level_of(&tp.topic, self.ctx.retry_max).unwrap_or(0);
+                    let level = self
+                        .ctx
+                        .retry
+                        .level_of(&tp.topic, self.ctx.retry_max)
+                        .unwrap_or(0);
                     tracing::info!(topic = %tp.topic, partition = tp.partition, "Partition assigned.");
-                    self.parts.insert(tp, Part { generation: epoch, fetch_epoch: epoch, level, offsets: PartitionOffsets::new(), waiting_until: None, revoking: false, paused: false });
+                    self.parts.insert(
+                        tp,
+                        Part {
+                            generation: epoch,
+                            fetch_epoch: epoch,
+                            level,
+                            offsets: PartitionOffsets::new(),
+                            waiting_until: None,
+                            revoking: false,
+                            paused: false,
+                        },
+                    );
                 }
                 self.pause_dirty = true;
             }
@@ -336,15 +390,27 @@ impl State {
                         p.revoking = true;
                     }
                 }
-                self.pending.retain(|(d, _)| !partitions.iter().any(|tp| tp.topic == d.topic && tp.partition == d.partition));
-                self.revoke = Some(PendingRevoke { partitions, reply, deadline: Instant::now() + self.cfg.shutdown_timeout });
+                self.pending.retain(|(d, _)| {
+                    !partitions
+                        .iter()
+                        .any(|tp| tp.topic == d.topic && tp.partition == d.partition)
+                });
+                self.revoke = Some(PendingRevoke {
+                    partitions,
+                    reply,
+                    deadline: Instant::now() + self.cfg.shutdown_timeout,
+                });
             }
         }
     }
 
     fn maybe_finish_revoke(&mut self) {
         let Some(r) = &self.revoke else { return };
-        let drained = r.partitions.iter().all(|tp| self.parts.get(tp).is_none_or(|p| p.offsets.in_flight() == 0));
+        let drained = r.partitions.iter().all(|tp| {
+            self.parts
+                .get(tp)
+                .is_none_or(|p| p.offsets.in_flight() == 0)
+        });
         if drained {
             self.finish_revoke();
         }
@@ -413,7 +479,10 @@ impl State {
         if !offsets.is_empty() {
             self.control.commit(offsets);
         }
-        self.ctx.metrics.dedupe_entries.set(self.ctx.dedupe.len() as i64);
+        self.ctx
+            .metrics
+            .dedupe_entries
+            .set(self.ctx.dedupe.len() as i64);
         self.ctx.metrics.in_flight.set(self.in_flight as i64);
     }
 
@@ -426,7 +495,11 @@ impl State {
             self.revoke = Some(r);
             self.finish_revoke();
         }
-        let offsets: Vec<(Tp, i64)> = self.parts.iter().filter_map(|(tp, p)| p.offsets.commit_point().map(|o| (tp.clone(), o))).collect();
+        let offsets: Vec<(Tp, i64)> = self
+            .parts
+            .iter()
+            .filter_map(|(tp, p)| p.offsets.commit_point().map(|o| (tp.clone(), o)))
+            .collect();
         self.lanes.clear();
         let control = self.control.clone();
         let _ = tokio::task::spawn_blocking(move || control.close(offsets)).await;

@@ -27,7 +27,10 @@ pub enum ProcessError {
 impl ProcessError {
     /// A retryable error without a `retry_after` hint.
     pub fn retryable(reason: impl Into<String>) -> Self {
-        ProcessError::Retryable { reason: reason.into(), retry_after: None }
+        ProcessError::Retryable {
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
 
     /// A fatal error.

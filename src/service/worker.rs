@@ -72,7 +72,9 @@ pub struct WorkerContext {
 
 impl std::fmt::Debug for WorkerContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerContext").field("group", &self.group).finish()
+        f.debug_struct("WorkerContext")
+            .field("group", &self.group)
+            .finish()
     }
 }
 
@@ -146,7 +148,10 @@ impl WorkerContext {
         let now = now_ms();
         let (topic, kind, due, outcome) = match err {
             ProcessError::Retryable { retry_after, .. } if next_level <= self.retry_max => {
-                let delay = self.retry.delay(next_level).max(retry_after.unwrap_or_default());
+                let delay = self
+                    .retry
+                    .delay(next_level)
+                    .max(retry_after.unwrap_or_default());
                 (
                     self.retry.topic(next_level),
                     ErrorKind::Retryable,
@@ -181,8 +186,12 @@ impl WorkerContext {
         );
         let message_id = d.message_id().unwrap_or("");
         match outcome {
-            Outcome::Retried(level) => tracing::warn!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, retry_topic = %topic, level, due_at_ms = due.unwrap_or_default(), error = err.reason(), "Processing failed; the message goes to a retry topic."),
-            _ => tracing::error!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, dlq_topic = %topic, error_kind = kind.as_str(), error = err.reason(), "Processing failed; the message goes to the dead-letter topic."),
+            Outcome::Retried(level) => {
+                tracing::warn!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, retry_topic = %topic, level, due_at_ms = due.unwrap_or_default(), error = err.reason(), "Processing failed; the message goes to a retry topic.")
+            }
+            _ => {
+                tracing::error!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, dlq_topic = %topic, error_kind = kind.as_str(), error = err.reason(), "Processing failed; the message goes to the dead-letter topic.")
+            }
         }
         if self.publish_until_acked(record).await {
             outcome

@@ -83,12 +83,18 @@ impl TopicAdmin {
     pub async fn list(&self) -> Result<Vec<TopicInfo>, AdminError> {
         let client = self.admin.inner();
         let md = tokio::task::block_in_place(|| client.fetch_metadata(None, self.timeout))
-            .map_err(|e| AdminError::Unreachable { brokers: self.brokers.clone(), reason: e.to_string() })?;
+            .map_err(|e| AdminError::Unreachable {
+                brokers: self.brokers.clone(),
+                reason: e.to_string(),
+            })?;
         let mut out: Vec<TopicInfo> = md
             .topics()
             .iter()
             .filter(|t| !t.name().starts_with("__") && t.error().is_none())
-            .map(|t| TopicInfo { name: t.name().to_owned(), partitions: t.partitions().len() })
+            .map(|t| TopicInfo {
+                name: t.name().to_owned(),
+                partitions: t.partitions().len(),
+            })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -98,7 +104,10 @@ impl TopicAdmin {
     ///
     /// # Errors
     /// [`AdminError::Refused`] when the broker will not create them; [`AdminError::Unreachable`].
-    pub async fn create_all(&self, config: &Config) -> Result<Vec<(String, TopicOutcome)>, AdminError> {
+    pub async fn create_all(
+        &self,
+        config: &Config,
+    ) -> Result<Vec<(String, TopicOutcome)>, AdminError> {
         let wanted = config.all_topics();
         let existing: Vec<String> = self.list().await?.into_iter().map(|t| t.name).collect();
         let missing: Vec<&String> = wanted.iter().filter(|t| !existing.contains(t)).collect();
@@ -112,19 +121,33 @@ impl TopicAdmin {
         }
         let new_topics: Vec<NewTopic<'_>> = missing
             .iter()
-            .map(|t| NewTopic::new(t, config.kafka.topic_partitions, TopicReplication::Fixed(config.kafka.topic_replication)))
+            .map(|t| {
+                NewTopic::new(
+                    t,
+                    config.kafka.topic_partitions,
+                    TopicReplication::Fixed(config.kafka.topic_replication),
+                )
+            })
             .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(self.timeout)).request_timeout(Some(self.timeout));
-        let answers = self.admin.create_topics(&new_topics, &opts).await.map_err(|e| AdminError::Refused {
-            missing: missing.iter().map(|s| s.to_string()).collect(),
-            reason: e.to_string(),
-        })?;
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(self.timeout))
+            .request_timeout(Some(self.timeout));
+        let answers = self
+            .admin
+            .create_topics(&new_topics, &opts)
+            .await
+            .map_err(|e| AdminError::Refused {
+                missing: missing.iter().map(|s| s.to_string()).collect(),
+                reason: e.to_string(),
+            })?;
         let mut refused = Vec::new();
         let mut reason = String::new();
         for answer in answers {
             match answer {
                 Ok(name) => result.push((name, TopicOutcome::Created)),
-                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => result.push((name, TopicOutcome::Exists)),
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    result.push((name, TopicOutcome::Exists))
+                }
                 Err((name, code)) => {
                     reason = code.to_string();
                     refused.push(name);
@@ -132,7 +155,10 @@ impl TopicAdmin {
             }
         }
         if !refused.is_empty() {
-            return Err(AdminError::Refused { missing: refused, reason });
+            return Err(AdminError::Refused {
+                missing: refused,
+                reason,
+            });
         }
         Ok(result)
     }

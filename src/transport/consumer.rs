@@ -79,7 +79,10 @@ impl ClientContext for DriverContext {
 }
 
 fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
-    tpl.elements().iter().map(|e| Tp::new(e.topic(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| Tp::new(e.topic(), e.partition()))
+        .collect()
 }
 
 fn tpl_of(offsets: &[(Tp, i64)]) -> TopicPartitionList {
@@ -93,11 +96,16 @@ fn tpl_of(offsets: &[(Tp, i64)]) -> TopicPartitionList {
 
 impl ConsumerContext for DriverContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
         let partitions = tps_of(tpl);
         if !self.shared.closing.load(Ordering::SeqCst) {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let sent = self.events.blocking_send(Control::Revoked { partitions: partitions.clone(), reply: tx });
+            let sent = self.events.blocking_send(Control::Revoked {
+                partitions: partitions.clone(),
+                reply: tx,
+            });
             if sent.is_ok() {
                 match rx.recv_timeout(self.revoke_wait) {
                     Ok(offsets) if !offsets.is_empty() => {
@@ -117,7 +125,10 @@ impl ConsumerContext for DriverContext {
             commands.pause.remove(tp);
             commands.seek.remove(tp);
             commands.commit.remove(tp);
-            let _ = self.metrics.consumer_lag.remove_label_values(&[&tp.topic, &tp.partition.to_string()]);
+            let _ = self
+                .metrics
+                .consumer_lag
+                .remove_label_values(&[&tp.topic, &tp.partition.to_string()]);
         }
     }
 
@@ -178,7 +189,11 @@ impl ConsumerControl for KafkaConsumerControl {
 
     fn seek(&self, tp: &Tp, offset: i64) -> Epoch {
         let e = self.shared.new_epoch();
-        self.shared.commands.lock().seek.insert(tp.clone(), (offset, e));
+        self.shared
+            .commands
+            .lock()
+            .seek
+            .insert(tp.clone(), (offset, e));
         e
     }
 
@@ -214,7 +229,11 @@ impl std::fmt::Debug for Driver {
 ///
 /// # Errors
 /// When librdkafka rejects the configuration or the subscription.
-pub fn start(config: &Config, metrics: Metrics, readiness: Arc<Readiness>) -> Result<Driver, KafkaError> {
+pub fn start(
+    config: &Config,
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+) -> Result<Driver, KafkaError> {
     let shared = Arc::new(Shared {
         commands: Mutex::new(Commands::default()),
         epochs: Mutex::new(HashMap::new()),
@@ -230,7 +249,8 @@ pub fn start(config: &Config, metrics: Metrics, readiness: Arc<Readiness>) -> Re
         readiness,
         revoke_wait: config.consumer.shutdown_timeout + Duration::from_secs(5),
     };
-    let consumer: BaseConsumer<DriverContext> = client_config(config, ClientRole::Consumer).create_with_context(ctx)?;
+    let consumer: BaseConsumer<DriverContext> =
+        client_config(config, ClientRole::Consumer).create_with_context(ctx)?;
     let mut topics: Vec<String> = config.consumer.topics.clone();
     topics.extend((1..=config.consumer.retry_max).map(|n| config.retry.topic(n)));
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -241,7 +261,10 @@ pub fn start(config: &Config, metrics: Metrics, readiness: Arc<Readiness>) -> Re
         .spawn(move || poll_loop(consumer, thread_shared, deliveries_tx))
         .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
     Ok(Driver {
-        control: Arc::new(KafkaConsumerControl { shared, thread: Mutex::new(Some(thread)) }),
+        control: Arc::new(KafkaConsumerControl {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        }),
         events,
         deliveries,
     })
@@ -250,7 +273,11 @@ pub fn start(config: &Config, metrics: Metrics, readiness: Arc<Readiness>) -> Re
 fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
     let headers = m
         .headers()
-        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
         .unwrap_or_default();
     Delivery {
         topic: m.topic().to_owned(),
@@ -264,11 +291,18 @@ fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
 }
 
 /// Applies pending requests; returns the final offsets when close was requested.
-fn apply_commands(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> Option<Vec<(Tp, i64)>> {
+fn apply_commands(
+    consumer: &BaseConsumer<DriverContext>,
+    shared: &Shared,
+) -> Option<Vec<(Tp, i64)>> {
     let cmds = std::mem::take(&mut *shared.commands.lock());
     let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
     for (tp, p) in &cmds.pause {
-        if *p { pause.add_partition(&tp.topic, tp.partition) } else { resume.add_partition(&tp.topic, tp.partition) };
+        if *p {
+            pause.add_partition(&tp.topic, tp.partition)
+        } else {
+            resume.add_partition(&tp.topic, tp.partition)
+        };
     }
     if pause.count() > 0 {
         if let Err(e) = consumer.pause(&pause) {
@@ -279,11 +313,18 @@ fn apply_commands(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> Op
         if !shared.epochs.lock().contains_key(tp) {
             continue;
         }
-        match consumer.seek(&tp.topic, tp.partition, Offset::Offset(*offset), Duration::from_secs(5)) {
+        match consumer.seek(
+            &tp.topic,
+            tp.partition,
+            Offset::Offset(*offset),
+            Duration::from_secs(5),
+        ) {
             Ok(()) => {
                 shared.epochs.lock().insert(tp.clone(), *epoch);
             }
-            Err(e) => tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "Seek failed."),
+            Err(e) => {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "Seek failed.")
+            }
         }
     }
     if resume.count() > 0 {
@@ -300,7 +341,11 @@ fn apply_commands(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> Op
     cmds.close
 }
 
-fn poll_loop(consumer: BaseConsumer<DriverContext>, shared: Arc<Shared>, deliveries: mpsc::Sender<DeliveryBatch>) {
+fn poll_loop(
+    consumer: BaseConsumer<DriverContext>,
+    shared: Arc<Shared>,
+    deliveries: mpsc::Sender<DeliveryBatch>,
+) {
     // Set when the pipeline stopped taking deliveries: a close request should follow at once;
     // without one (the pipeline crashed or was aborted) the driver leaves the group without
     // committing anything more, so another member takes over from the last commit.
@@ -330,7 +375,11 @@ fn poll_loop(consumer: BaseConsumer<DriverContext>, shared: Arc<Shared>, deliver
         while batch.len() < MAX_BATCH {
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
-                    let tp_epoch = shared.epochs.lock().get(&Tp::new(m.topic(), m.partition())).copied();
+                    let tp_epoch = shared
+                        .epochs
+                        .lock()
+                        .get(&Tp::new(m.topic(), m.partition()))
+                        .copied();
                     if let Some(epoch) = tp_epoch {
                         batch.push((to_delivery(&m), epoch));
                     }
@@ -343,7 +392,8 @@ fn poll_loop(consumer: BaseConsumer<DriverContext>, shared: Arc<Shared>, deliver
             }
             wait = Duration::ZERO;
         }
-        if (!batch.is_empty() && deliveries.blocking_send(batch).is_err()) || deliveries.is_closed() {
+        if (!batch.is_empty() && deliveries.blocking_send(batch).is_err()) || deliveries.is_closed()
+        {
             pipeline_gone = Some(std::time::Instant::now());
         }
     }

@@ -12,7 +12,9 @@ pub struct DevBroker {
 
 impl std::fmt::Debug for DevBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DevBroker").field("bootstrap", &self.bootstrap_servers()).finish()
+        f.debug_struct("DevBroker")
+            .field("bootstrap", &self.bootstrap_servers())
+            .finish()
     }
 }
 
@@ -22,14 +24,20 @@ impl DevBroker {
     /// # Errors
     /// When librdkafka cannot start it.
     pub fn start() -> Result<Self, rdkafka::error::KafkaError> {
-        Ok(DevBroker { cluster: MockCluster::new(1)? })
+        Ok(DevBroker {
+            cluster: MockCluster::new(1)?,
+        })
     }
 
     /// Creates `topic` with `partitions` partitions (the mock has no CreateTopics API).
     ///
     /// # Errors
     /// When the mock refuses it.
-    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), rdkafka::error::KafkaError> {
+    pub fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<(), rdkafka::error::KafkaError> {
         self.cluster.create_topic(topic, partitions, 1)
     }
 

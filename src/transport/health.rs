@@ -6,7 +6,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -114,4 +113,3 @@ impl Drop for HealthChecker {
         self.thread.take();
     }
 }
-

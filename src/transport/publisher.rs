@@ -82,11 +82,30 @@ pub fn classify(err: &KafkaError) -> PublishFailure {
     };
     match code {
         Some(RDKafkaErrorCode::QueueFull) => PublishFailure::QueueFull,
-        Some(RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::RequestTimedOut | RDKafkaErrorCode::OperationTimedOut) => PublishFailure::Timeout,
-        Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::BrokerNotAvailable | RDKafkaErrorCode::NetworkException) => PublishFailure::BrokerDown,
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => PublishFailure::MessageTooLarge,
-        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownPartition) => PublishFailure::UnknownTopic,
-        Some(RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed | RDKafkaErrorCode::Authentication) => PublishFailure::Unauthorized,
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+            | RDKafkaErrorCode::OperationTimedOut,
+        ) => PublishFailure::Timeout,
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::BrokerNotAvailable
+            | RDKafkaErrorCode::NetworkException,
+        ) => PublishFailure::BrokerDown,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+            PublishFailure::MessageTooLarge
+        }
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition,
+        ) => PublishFailure::UnknownTopic,
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::Authentication,
+        ) => PublishFailure::Unauthorized,
         Some(RDKafkaErrorCode::Fatal) => PublishFailure::Fatal,
         _ => PublishFailure::Other,
     }

@@ -68,8 +68,14 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
             set("message.send.max.retries", p.retries.to_string());
             set("compression.type", p.compression.as_str().to_owned());
             set("linger.ms", p.linger_ms.to_string());
-            set("message.timeout.ms", p.delivery_timeout.as_millis().to_string());
-            set("queue.buffering.max.messages", p.queue_max_messages.to_string());
+            set(
+                "message.timeout.ms",
+                p.delivery_timeout.as_millis().to_string(),
+            );
+            set(
+                "queue.buffering.max.messages",
+                p.queue_max_messages.to_string(),
+            );
             set("retry.backoff.ms", "100".into());
             set("retry.backoff.max.ms", "1000".into());
         }
@@ -96,7 +102,11 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
             Some(t) if t != value => conflicts.push(Conflict {
                 property: name.clone(),
                 passthrough: value.clone(),
-                typed: if crate::config::is_secret_property(name) { "[redacted]".into() } else { t.clone() },
+                typed: if crate::config::is_secret_property(name) {
+                    "[redacted]".into()
+                } else {
+                    t.clone()
+                },
             }),
             Some(_) => {}
             None => {
@@ -112,8 +122,34 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
 /// Whether a passthrough property belongs to `role`. Producer-only and consumer-only
 /// properties are dropped for the other role, since librdkafka warns about them.
 fn role_accepts(role: ClientRole, name: &str) -> bool {
-    const CONSUMER_ONLY: &[&str] = &["group.", "session.timeout.ms", "heartbeat.interval.ms", "max.poll.interval.ms", "fetch.", "auto.offset.reset", "enable.auto.", "auto.commit", "isolation.level", "partition.assignment.strategy", "queued.m"];
-    const PRODUCER_ONLY: &[&str] = &["acks", "linger.ms", "batch.", "compression.", "message.timeout.ms", "queue.buffering.", "enable.idempotence", "message.send.max.retries", "retries", "transactional.id", "delivery.timeout.ms", "partitioner", "sticky.partitioning"];
+    const CONSUMER_ONLY: &[&str] = &[
+        "group.",
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "fetch.",
+        "auto.offset.reset",
+        "enable.auto.",
+        "auto.commit",
+        "isolation.level",
+        "partition.assignment.strategy",
+        "queued.m",
+    ];
+    const PRODUCER_ONLY: &[&str] = &[
+        "acks",
+        "linger.ms",
+        "batch.",
+        "compression.",
+        "message.timeout.ms",
+        "queue.buffering.",
+        "enable.idempotence",
+        "message.send.max.retries",
+        "retries",
+        "transactional.id",
+        "delivery.timeout.ms",
+        "partitioner",
+        "sticky.partitioning",
+    ];
     let consumer_only = CONSUMER_ONLY.iter().any(|p| name.starts_with(p));
     let producer_only = PRODUCER_ONLY.iter().any(|p| name.starts_with(p));
     match role {
@@ -146,13 +182,19 @@ mod tests {
     use super::*;
 
     fn config(env: &[(&str, &str)]) -> Config {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::load_from(None, &env).unwrap()
     }
 
     #[test]
     fn producer_properties_from_typed_settings() {
-        let c = config(&[("KAFKA_PRODUCER_COMPRESSION", "zstd"), ("KAFKA_PRODUCER_LINGER_MS", "20")]);
+        let c = config(&[
+            ("KAFKA_PRODUCER_COMPRESSION", "zstd"),
+            ("KAFKA_PRODUCER_LINGER_MS", "20"),
+        ]);
         let (p, conflicts) = properties(&c, ClientRole::Producer);
         assert_eq!(p["acks"], "all");
         assert_eq!(p["enable.idempotence"], "true");
@@ -165,13 +207,26 @@ mod tests {
 
     #[test]
     fn consumer_never_auto_commits() {
-        let c = config(&[("RDKAFKA_ENABLE_AUTO_COMMIT", "true"), ("RDKAFKA_SESSION_TIMEOUT_MS", "6000")]);
+        let c = config(&[
+            ("RDKAFKA_ENABLE_AUTO_COMMIT", "true"),
+            ("RDKAFKA_SESSION_TIMEOUT_MS", "6000"),
+        ]);
         let (p, conflicts) = properties(&c, ClientRole::Consumer);
         assert_eq!(p["enable.auto.commit"], "false");
         assert_eq!(p["session.timeout.ms"], "6000");
-        assert_eq!(conflicts, vec![Conflict { property: "enable.auto.commit".into(), passthrough: "true".into(), typed: "false".into() }]);
+        assert_eq!(
+            conflicts,
+            vec![Conflict {
+                property: "enable.auto.commit".into(),
+                passthrough: "true".into(),
+                typed: "false".into()
+            }]
+        );
         let (prod, _) = properties(&c, ClientRole::Producer);
-        assert!(!prod.contains_key("session.timeout.ms"), "consumer-only passthrough stays off the producer");
+        assert!(
+            !prod.contains_key("session.timeout.ms"),
+            "consumer-only passthrough stays off the producer"
+        );
     }
 
     #[test]

@@ -118,9 +118,14 @@ impl TestKafka {
             async move {
                 let mut h = OwnedHeaders::new();
                 for (k, v) in &headers {
-                    h = h.insert(Header { key: k, value: v.as_deref() });
+                    h = h.insert(Header {
+                        key: k,
+                        value: v.as_deref(),
+                    });
                 }
-                let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).payload(payload.as_slice()).headers(h);
+                let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+                    .payload(payload.as_slice())
+                    .headers(h);
                 if let Some(k) = &key {
                     r = r.key(k.as_slice());
                 }
@@ -137,8 +142,14 @@ impl TestKafka {
             .iter()
             .enumerate()
             .map(|(i, id)| {
-                let payload = serde_json::json!({"id": id, "type": "test_event", "seq": i}).to_string().into_bytes();
-                (Some(format!("key-{}", i % keys.max(1)).into_bytes()), payload, vec![("message-id".to_string(), Some(id.clone().into_bytes()))])
+                let payload = serde_json::json!({"id": id, "type": "test_event", "seq": i})
+                    .to_string()
+                    .into_bytes();
+                (
+                    Some(format!("key-{}", i % keys.max(1)).into_bytes()),
+                    payload,
+                    vec![("message-id".to_string(), Some(id.clone().into_bytes()))],
+                )
             })
             .collect();
         self.produce(&self.source, msgs).await;
@@ -156,7 +167,8 @@ impl TestKafka {
             .expect("reader");
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
         }
         c.assign(&tpl).unwrap();
         let deadline = Instant::now() + timeout;
@@ -172,7 +184,14 @@ impl TestKafka {
                         offset: m.offset(),
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec),
-                        headers: m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect()).unwrap_or_default(),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
                         timestamp_ms: m.timestamp().to_millis(),
                     });
                 }
@@ -197,7 +216,9 @@ impl TestKafka {
         for p in 0..self.partitions {
             tpl.add_partition(topic, p);
         }
-        let got = c.committed_offsets(tpl, Duration::from_secs(5)).expect("committed offsets");
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(5))
+            .expect("committed offsets");
         (0..self.partitions)
             .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => o,
@@ -210,14 +231,31 @@ impl TestKafka {
     /// partition needs no commit).
     pub fn assert_committed_to_end(&self, topic: &str) {
         let ends = self.end_offsets(topic);
-        let committed: Vec<i64> = self.committed(topic).into_iter().zip(&ends).map(|(c, e)| if *e == 0 && c < 0 { 0 } else { c }).collect();
-        assert_eq!(committed, ends, "committed offsets of {topic} equal its end offsets");
+        let committed: Vec<i64> = self
+            .committed(topic)
+            .into_iter()
+            .zip(&ends)
+            .map(|(c, e)| if *e == 0 && c < 0 { 0 } else { c })
+            .collect();
+        assert_eq!(
+            committed, ends,
+            "committed offsets of {topic} equal its end offsets"
+        );
     }
 
     /// High watermark per partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> Vec<i64> {
-        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create().expect("watermark reader");
-        (0..self.partitions).map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(5)).expect("watermarks").1).collect()
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("watermark reader");
+        (0..self.partitions)
+            .map(|p| {
+                c.fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .expect("watermarks")
+                    .1
+            })
+            .collect()
     }
 }
 
@@ -256,7 +294,10 @@ impl ScriptedProcessor {
     }
 
     pub fn with_sleep(d: Duration) -> Arc<Self> {
-        Arc::new(ScriptedProcessor { default_sleep: Some(d), ..Default::default() })
+        Arc::new(ScriptedProcessor {
+            default_sleep: Some(d),
+            ..Default::default()
+        })
     }
 
     pub fn script(&self, id: &str, steps: Vec<Step>) {
@@ -264,7 +305,12 @@ impl ScriptedProcessor {
     }
 
     pub fn ok_ids(&self) -> Vec<String> {
-        self.seen.lock().iter().filter(|s| s.ok).filter_map(|s| s.id.clone()).collect()
+        self.seen
+            .lock()
+            .iter()
+            .filter(|s| s.ok)
+            .filter_map(|s| s.id.clone())
+            .collect()
     }
 
     pub fn calls(&self) -> usize {
@@ -272,7 +318,12 @@ impl ScriptedProcessor {
     }
 
     pub fn calls_for(&self, id: &str) -> Vec<Seen> {
-        self.seen.lock().iter().filter(|s| s.id.as_deref() == Some(id)).cloned().collect()
+        self.seen
+            .lock()
+            .iter()
+            .filter(|s| s.id.as_deref() == Some(id))
+            .cloned()
+            .collect()
     }
 }
 
@@ -304,7 +355,12 @@ impl Processor for ScriptedProcessor {
                 Ok(())
             }
         };
-        self.seen.lock().push(Seen { id, delivery: d.clone(), at_ms, ok: result.is_ok() });
+        self.seen.lock().push(Seen {
+            id,
+            delivery: d.clone(),
+            at_ms,
+            ok: result.is_ok(),
+        });
         self.current.fetch_sub(1, SeqCst);
         result
     }
@@ -321,16 +377,28 @@ pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> b
 
 /// A header's value as text.
 pub fn header(d: &Delivery, name: &str) -> Option<String> {
-    d.header(name).map(|v| String::from_utf8_lossy(v).into_owned())
+    d.header(name)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// A plain HTTP/1.1 request over loopback: (status, body).
-pub async fn http_request(method: &str, url: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
+pub async fn http_request(
+    method: &str,
+    url: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("http URL");
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
     let mut stream = tokio::net::TcpStream::connect(host).await.expect("connect");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if let Some(ct) = content_type {
         req.push_str(&format!("Content-Type: {ct}\r\n"));
     }
@@ -340,9 +408,20 @@ pub async fn http_request(method: &str, url: &str, content_type: Option<&str>, b
     let mut buf = Vec::new();
     stream.read_to_end(&mut buf).await.expect("read");
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
     (status, body)
 }
 

@@ -1,0 +1,322 @@
+//! The producer service against a mock cluster per test, and the binary as a user runs it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{header, http_get, http_request, TestKafka};
+use courier::app::producer::{start, ProducerOptions, RunningProducer};
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(30);
+const JSON: Option<&str> = Some("application/json");
+
+async fn producer(k: &TestKafka, extra: &[(&str, &str)]) -> (RunningProducer, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let running = start(
+        k.config(extra),
+        ProducerOptions::default(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("producer starts");
+    let ready = format!("http://{}/readyz", running.ops_addr);
+    for _ in 0..200 {
+        if http_get(&ready).await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    (running, shutdown)
+}
+
+fn events_url(p: &RunningProducer) -> String {
+    format!("http://{}/v1/events", p.http_addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posted_event_is_on_the_topic_with_key_value_and_message_id() {
+    let k = TestKafka::new(3);
+    let (p, shutdown) = producer(&k, &[]).await;
+    let (status, body) = http_request(
+        "POST",
+        &events_url(&p),
+        JSON,
+        br#"{"id":"evt-1","type":"order_created","key":"cust-9","data":{"n":1}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let resp: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(resp["results"][0]["id"], "evt-1");
+    assert_eq!(resp["results"][0]["topic"], k.source.as_str());
+    let msgs = k.read_all(&k.source, 1, T);
+    assert_eq!(msgs.len(), 1);
+    let m = &msgs[0];
+    assert_eq!(
+        m.partition as i64,
+        resp["results"][0]["partition"].as_i64().unwrap()
+    );
+    assert_eq!(m.offset, resp["results"][0]["offset"].as_i64().unwrap());
+    assert_eq!(m.key.as_deref(), Some(b"cust-9".as_slice()));
+    assert_eq!(header(m, "message-id").unwrap(), "evt-1");
+    let value: serde_json::Value = serde_json::from_slice(m.payload.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        value,
+        serde_json::json!({"id":"evt-1","type":"order_created","key":"cust-9","data":{"n":1}})
+    );
+    shutdown.cancel();
+    assert_eq!(p.done.await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_and_allowed_topics() {
+    let k = TestKafka::new(2);
+    let other = format!("{}-audit", k.source);
+    k.broker.create_topic(&other, 2).unwrap();
+    let (p, shutdown) = producer(&k, &[("KAFKA_PRODUCER_ALLOWED_TOPICS", &other)]).await;
+    let batch = br#"[{"type":"a"},{"type":"b","partition":1},{"type":"c","id":"fixed"}]"#;
+    let (status, body) = http_request("POST", &events_url(&p), JSON, batch).await;
+    assert_eq!(status, 200, "{body}");
+    let resp: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(resp["results"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        resp["results"][1]["partition"], 1,
+        "explicit partition honoured"
+    );
+    let (status, _) = http_request(
+        "POST",
+        &format!("http://{}/v1/topics/{other}/events", p.http_addr),
+        JSON,
+        br#"{"type":"x"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = http_request(
+        "POST",
+        &format!("http://{}/v1/topics/not-allowed/events", p.http_addr),
+        JSON,
+        br#"{"type":"x"}"#,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let main = k.read_all(&k.source, 3, T);
+    assert_eq!(main.len(), 3);
+    let ids: Vec<String> = main
+        .iter()
+        .map(|m| header(m, "message-id").unwrap())
+        .collect();
+    assert!(ids.contains(&"fixed".to_string()));
+    assert_eq!(k.read_all(&other, 1, T).len(), 1);
+    shutdown.cancel();
+    p.done.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_status_and_publishes_nothing() {
+    let k = TestKafka::new(1);
+    let (p, shutdown) = producer(
+        &k,
+        &[
+            ("HTTP_MAX_BODY_BYTES", "2048"),
+            ("HTTP_MAX_BATCH_EVENTS", "5"),
+        ],
+    )
+    .await;
+    let url = events_url(&p);
+    let big = format!(r#"{{"type":"t","data":"{}"}}"#, "x".repeat(4096));
+    let many = format!("[{}]", [r#"{"type":"t"}"#; 6].join(","));
+    let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+    let cases: Vec<(Option<&str>, Vec<u8>, u16)> = vec![
+        (JSON, b"{\"type\":".to_vec(), 400),
+        (JSON, b"\xff\xfe".to_vec(), 400),
+        (JSON, br#"{"data":1}"#.to_vec(), 400),
+        (JSON, br#"{"type":["x"]}"#.to_vec(), 400),
+        (JSON, br#"[{"type":"ok"},{"type":5}]"#.to_vec(), 400),
+        (JSON, b"[]".to_vec(), 400),
+        (JSON, deep.into_bytes(), 400),
+        (JSON, big.into_bytes(), 413),
+        (JSON, many.into_bytes(), 413),
+        (Some("text/plain"), br#"{"type":"t"}"#.to_vec(), 415),
+        (None, br#"{"type":"t"}"#.to_vec(), 415),
+    ];
+    for (ct, body, want) in cases {
+        let (status, text) = http_request("POST", &url, ct, &body).await;
+        assert_eq!(status, want, "{:.80}", String::from_utf8_lossy(&body));
+        let json: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON error body: {text}"));
+        assert!(json["error"].is_string());
+    }
+    assert_eq!(k.end_offsets(&k.source), vec![0], "nothing was published");
+    shutdown.cancel();
+    p.done.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_gives_503_quickly_and_recovers_without_restart() {
+    let k = TestKafka::new(1);
+    let (p, shutdown) = producer(&k, &[("HTTP_REQUEST_TIMEOUT_MS", "2000")]).await;
+    let ready = format!("http://{}/readyz", p.ops_addr);
+    assert_eq!(http_get(&ready).await.0, 200);
+    k.broker.broker_down().unwrap();
+    let mut status = 200;
+    for _ in 0..200 {
+        status = http_get(&ready).await.0;
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, 503, "/readyz notices the outage");
+    let started = Instant::now();
+    let (status, body) = http_request("POST", &events_url(&p), JSON, br#"{"type":"t"}"#).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "503 within the request timeout"
+    );
+    let metrics = http_get(&format!("http://{}/metrics", p.ops_addr)).await.1;
+    assert!(metrics.contains("courier_broker_up 0"));
+    k.broker.broker_up().unwrap();
+    let mut recovered = false;
+    for _ in 0..400 {
+        if http_get(&ready).await.0 == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "ready again after broker_up");
+    let (status, body) = http_request(
+        "POST",
+        &events_url(&p),
+        JSON,
+        br#"{"type":"t","id":"after"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    shutdown.cancel();
+    p.done.await.unwrap();
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_courier")
+}
+
+#[test]
+fn config_errors_name_the_variable_and_exit_non_zero() {
+    let cases = [
+        (
+            "KAFKA_PRODUCER_ACKS",
+            "2",
+            "KAFKA_PRODUCER_ACKS=2: expected 0, 1 or all",
+        ),
+        (
+            "KAFKA_CONSUMER_WORKERS",
+            "zero",
+            "KAFKA_CONSUMER_WORKERS=zero: expected a whole number",
+        ),
+        (
+            "KAFKA_RETRY_BACKOFF",
+            "1s,later",
+            "KAFKA_RETRY_BACKOFF=1s,later: expected a comma-separated list of durations",
+        ),
+    ];
+    for (var, value, want) in cases {
+        let out = std::process::Command::new(bin())
+            .arg("config")
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} must fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(want), "{stderr}");
+    }
+    let out = std::process::Command::new(bin())
+        .arg("config")
+        .env("KAFKA_SASL_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("s3cret") && stdout.contains("sasl_password = \"[redacted]\""),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_accepted_messages() {
+    let k = TestKafka::new(1);
+    let port = free_port();
+    let mut child = std::process::Command::new(bin())
+        .arg("producer")
+        .envs(k.env(&[
+            ("HTTP_ADDR", &format!("127.0.0.1:{port}")),
+            ("KAFKA_PRODUCER_LINGER_MS", "200"),
+            ("LOG_FORMAT", "pretty"),
+        ]))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/events");
+    let mut accepted = 0;
+    for i in 0..400 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            let (status, _) = http_request(
+                "POST",
+                &url,
+                JSON,
+                format!(r#"{{"type":"t","id":"sig-{i}"}}"#).as_bytes(),
+            )
+            .await;
+            if status == 200 {
+                accepted += 1;
+                if accepted == 5 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(accepted, 5);
+    // A request in flight while the signal arrives is still answered and flushed.
+    let pending = tokio::spawn(async move {
+        http_request("POST", &url, JSON, br#"{"type":"t","id":"sig-last"}"#).await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    unsafe_kill(child.id(), "TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    let last = pending.await.unwrap().0;
+    let on_topic = k.read_all(&k.source, 5, T);
+    assert_eq!(
+        on_topic.len(),
+        5 + usize::from(last == 200),
+        "every accepted message is on the topic"
+    );
+}
+
+/// A free loopback port (bound and released) for a child process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends a signal with the `kill` command (no libc dependency).
+pub fn unsafe_kill(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
