@@ -359,13 +359,14 @@ impl State {
     fn on_control(&mut self, c: Control) {
         match c {
             Control::Assigned(list) => {
+                let names: Vec<String> = list.iter().map(|(tp, _)| tp.to_string()).collect();
+                tracing::info!(partitions = ?names, "Partitions assigned.");
                 for (tp, epoch) in list {
                     let level = self
                         .ctx
                         .retry
                         .level_of(&tp.topic, self.ctx.retry_max)
                         .unwrap_or(0);
-                    tracing::info!(topic = %tp.topic, partition = tp.partition, "Partition assigned.");
                     self.parts.insert(
                         tp,
                         Part {
@@ -424,9 +425,10 @@ impl State {
                 if let Some(o) = p.offsets.commit_point() {
                     offsets.push((tp.clone(), o));
                 }
-                tracing::info!(topic = %tp.topic, partition = tp.partition, "Partition revoked.");
             }
         }
+        let names: Vec<String> = r.partitions.iter().map(Tp::to_string).collect();
+        tracing::info!(partitions = ?names, committing = offsets.len(), "Partitions revoked.");
         let _ = r.reply.send(offsets);
         self.pause_dirty = true;
     }
