@@ -187,7 +187,7 @@ impl WorkerContext {
         let message_id = d.message_id().unwrap_or("");
         match outcome {
             Outcome::Retried(level) => {
-                tracing::warn!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, retry_topic = %topic, level, due_at_ms = due.unwrap_or_default(), error = err.reason(), "Processing failed; the message goes to a retry topic.")
+                tracing::warn!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, retry_topic = %topic, retry_level = level, due_at_ms = due.unwrap_or_default(), error = err.reason(), "Processing failed; the message goes to a retry topic.")
             }
             _ => {
                 tracing::error!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, dlq_topic = %topic, error_kind = kind.as_str(), error = err.reason(), "Processing failed; the message goes to the dead-letter topic.")

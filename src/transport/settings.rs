@@ -89,14 +89,17 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
             set("fetch.min.bytes", c.fetch_min_bytes.to_string());
             set("fetch.max.bytes", c.fetch_max_bytes.to_string());
             set("enable.partition.eof", "false".into());
-            set("statistics.interval.ms", "5000".into());
-            // Bound what librdkafka buffers ahead of the pipeline (KB per partition queue).
-            set("queued.max.messages.kbytes", "16384".into());
         }
         ClientRole::Admin => {}
     }
     let mut conflicts = Vec::new();
     let mut out = typed.clone();
+    // Tuning defaults: courier's choice, but a passthrough may change them without conflict.
+    if role == ClientRole::Consumer {
+        for (name, value) in CONSUMER_TUNING {
+            out.insert((*name).to_owned(), (*value).to_owned());
+        }
+    }
     for (name, value) in &k.passthrough {
         match typed.get(name) {
             Some(t) if t != value => conflicts.push(Conflict {
@@ -118,6 +121,17 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
     }
     (out, conflicts)
 }
+
+/// Consumer tuning defaults that `RDKAFKA_*` may override:
+/// - `fetch.wait.max.ms`: a resumed partition (a retry that became due) joins the next fetch
+///   round, so this bounds how late a retry runs (librdkafka's default is 500 ms).
+/// - `statistics.interval.ms`: how often `courier_consumer_lag` is refreshed.
+/// - `queued.max.messages.kbytes`: what librdkafka buffers ahead of the pipeline.
+pub const CONSUMER_TUNING: &[(&str, &str)] = &[
+    ("fetch.wait.max.ms", "100"),
+    ("statistics.interval.ms", "5000"),
+    ("queued.max.messages.kbytes", "16384"),
+];
 
 /// Whether a passthrough property belongs to `role`. Producer-only and consumer-only
 /// properties are dropped for the other role, since librdkafka warns about them.
@@ -214,6 +228,14 @@ mod tests {
         let (p, conflicts) = properties(&c, ClientRole::Consumer);
         assert_eq!(p["enable.auto.commit"], "false");
         assert_eq!(p["session.timeout.ms"], "6000");
+        assert_eq!(p["fetch.wait.max.ms"], "100", "a tuning default");
+        let tuned = config(&[("RDKAFKA_FETCH_WAIT_MAX_MS", "20")]);
+        let (p2, c2) = properties(&tuned, ClientRole::Consumer);
+        assert_eq!(
+            p2["fetch.wait.max.ms"], "20",
+            "passthrough overrides a tuning default"
+        );
+        assert!(c2.is_empty());
         assert_eq!(
             conflicts,
             vec![Conflict {
