@@ -59,6 +59,14 @@ pub enum Command {
     },
     /// Print the effective configuration as TOML, secrets redacted.
     Config,
+    /// Dev broker + producer + consumer in one process, with injected failures.
+    Demo(app::demo::DemoArgs),
+    /// Dead-letter topic operations: inspect and replay.
+    Dlq {
+        /// inspect or replay.
+        #[command(subcommand)]
+        action: app::dlq::DlqAction,
+    },
 }
 
 /// `courier topics` actions.
@@ -128,6 +136,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Demo(args) => app::demo::run_cli(config, args).await?,
+        Command::Dlq { action } => app::dlq::run_cli(config, action).await?,
         Command::Consumer => {
             let shutdown = app::shutdown_on_signals();
             let running =

@@ -2,6 +2,8 @@
 //! configuration and runs until its shutdown token is cancelled.
 
 pub mod consumer;
+pub mod demo;
+pub mod dlq;
 pub mod producer;
 pub mod tools;
 

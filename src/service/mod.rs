@@ -3,6 +3,8 @@
 
 pub mod builtin;
 pub mod dedupe;
+pub mod demo;
+pub mod dlq;
 pub mod generator;
 pub mod ingest;
 pub mod offsets;

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod consumer;
 
 pub mod dev_broker;
+pub mod dlq;
 pub mod health;
 pub mod publisher;
 pub mod settings;

@@ -1,0 +1,1 @@
+//! The demo processor and its live counts.

@@ -1,0 +1,1 @@
+//! Reading the DLQ without committing, and the replay progress group.
