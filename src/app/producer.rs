@@ -18,6 +18,8 @@ use crate::transport::{HealthChecker, KafkaPublisher};
 pub struct ProducerOptions {
     /// Run the generator too.
     pub generate: Option<GeneratorConfig>,
+    /// Use these metrics (to share one registry with a consumer in the same process).
+    pub metrics: Option<Metrics>,
 }
 
 /// A started producer: where it listens, and its handles.
@@ -45,7 +47,7 @@ pub async fn start(
     opts: ProducerOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningProducer> {
-    let metrics = Metrics::new();
+    let metrics = opts.metrics.clone().unwrap_or_default();
     let readiness = Readiness::new(metrics.clone(), false);
     crate::app::auto_create_topics(&config).await;
     let kafka = Arc::new(KafkaPublisher::new(&config, metrics.clone())?);
