@@ -265,8 +265,25 @@ async fn a_slow_message_holds_the_commit_point() {
     let p = ScriptedProcessor::new();
     p.script("s-0", vec![Step::Sleep(Duration::from_secs(3))]);
     k.produce_events("s", 10, 10).await;
-    let (running, shutdown) = consumer(&k, &p, &[("KAFKA_CONSUMER_WORKERS", "64")]).await;
+    let (running, shutdown) = consumer(
+        &k,
+        &p,
+        &[
+            ("KAFKA_CONSUMER_WORKERS", "64"),
+            ("RDKAFKA_STATISTICS_INTERVAL_MS", "200"),
+        ],
+    )
+    .await;
+    let metrics = running.metrics.clone();
     wait_for("later offsets finished", T, || p.ok_ids().len() >= 5).await;
+    let lag_series = format!(
+        "courier_consumer_lag{{partition=\"0\",topic=\"{}\"}}",
+        k.source
+    );
+    wait_for("the lag gauge from librdkafka statistics", T, || {
+        metrics.render().contains(&lag_series)
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let held = k.committed(&k.source)[0];
     assert!(

@@ -320,3 +320,49 @@ pub fn unsafe_kill(pid: u32, signal: &str) {
         .unwrap();
     assert!(ok.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checker_recreates_a_producer_after_a_fatal_error() {
+    use courier::observability::{Metrics, Readiness};
+    use courier::service::{PublishFailure, Publisher};
+    use courier::transport::{HealthChecker, KafkaPublisher};
+    use std::sync::Arc;
+    let k = TestKafka::new(1);
+    let config = k.config(&[]);
+    let metrics = Metrics::new();
+    let readiness = Readiness::new(metrics.clone(), false);
+    let publisher = Arc::new(KafkaPublisher::new(&config, metrics.clone()).unwrap());
+    let record = |id: &str| courier::model::OutgoingRecord {
+        topic: k.source.clone(),
+        partition: None,
+        key: Some(id.as_bytes().to_vec()),
+        payload: Some(b"{}".to_vec()),
+        headers: vec![("message-id".into(), Some(id.as_bytes().to_vec()))],
+    };
+    publisher
+        .publish(record("before"))
+        .await
+        .expect("healthy producer publishes");
+    publisher.inject_fatal_error_for_tests();
+    let err = publisher.publish(record("broken")).await.unwrap_err();
+    assert_eq!(err.kind, PublishFailure::Fatal, "{err}");
+    let health = HealthChecker::start(&config, readiness.clone(), Some(publisher.clone())).unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        match publisher.publish(record("after")).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never recovered: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    health.stop();
+    let ids: Vec<String> = k
+        .read_all(&k.source, 2, T)
+        .iter()
+        .filter_map(|m| m.message_id().map(str::to_owned))
+        .collect();
+    assert!(
+        ids.contains(&"before".into()) && ids.contains(&"after".into()),
+        "{ids:?}"
+    );
+}

@@ -54,13 +54,14 @@ pub async fn dev_broker(
         broker.create_topic(&topic, config.kafka.topic_partitions)?;
     }
     let bootstrap = broker.bootstrap_servers();
-    let mut stdout = std::io::stdout();
-    writeln!(stdout, "{bootstrap}")?;
-    stdout.flush()?;
+    // The file first: whoever reads the stdout line may look for the file next.
     if let Some(path) = bootstrap_file {
         std::fs::write(path, format!("{bootstrap}\n"))
             .map_err(|e| anyhow::anyhow!("--bootstrap-file {}: {e}", path.display()))?;
     }
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{bootstrap}")?;
+    stdout.flush()?;
     tracing::info!(bootstrap = %bootstrap, topics = ?config.all_topics(), partitions = config.kafka.topic_partitions, "The in-memory dev broker is running (nothing is kept on disk; for local runs and tests only).");
     shutdown.cancelled().await;
     tracing::info!("The dev broker is stopping.");

@@ -68,6 +68,23 @@ impl KafkaPublisher {
         Some(reason)
     }
 
+    /// Raises a fatal error in the current producer, as a broker-side fatal idempotence error
+    /// would: for tests of the recovery path.
+    #[doc(hidden)]
+    pub fn inject_fatal_error_for_tests(&self) {
+        let producer = self.current();
+        let reason = std::ffi::CString::new("injected by a test").expect("static text has no NUL");
+        // SAFETY: the pointer is the live client of `producer`, which this scope keeps alive;
+        // librdkafka copies the reason string.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+    }
+
     /// Messages queued or awaiting acknowledgement.
     pub fn in_flight(&self) -> i32 {
         self.current().in_flight_count()

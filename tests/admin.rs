@@ -1,0 +1,174 @@
+//! Topic provisioning, the dev broker and the generator, as a user runs them.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{rand_id, TestKafka};
+use courier::transport::admin::{AdminError, TopicOutcome};
+use courier::transport::TopicAdmin;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_courier")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_topics_are_fine_and_refused_creation_names_the_missing_ones() {
+    let k = TestKafka::new(2);
+    let config = k.config(&[]);
+    let admin = TopicAdmin::new(&config).unwrap();
+    let done = admin.create_all(&config).await.unwrap();
+    assert!(
+        done.iter().all(|(_, o)| *o == TopicOutcome::Exists),
+        "{done:?}"
+    );
+    assert_eq!(done.len(), 5, "source, 3 retry levels, DLQ");
+    let listed = admin.list().await.unwrap();
+    let ours: Vec<_> = listed
+        .iter()
+        .filter(|t| t.name.starts_with(&k.source))
+        .collect();
+    assert_eq!(ours.len(), 5);
+    assert!(ours.iter().all(|t| t.partitions == 2));
+
+    // The mock broker has no CreateTopics API: a missing topic gets a clear refusal.
+    let missing = format!("missing-{}", rand_id());
+    let config = k.config(&[("KAFKA_PRODUCER_TOPIC", &missing)]);
+    match admin.create_all(&config).await {
+        Err(AdminError::Refused { missing: names, .. }) => assert_eq!(names, vec![missing.clone()]),
+        Ok(done) => assert!(
+            done.contains(&(missing.clone(), TopicOutcome::Created)),
+            "{done:?}"
+        ),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn topics_commands_print_and_explain() {
+    let k = TestKafka::new(1);
+    let out = Command::new(bin())
+        .args(["topics", "list"])
+        .envs(k.env(&[]))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("TOPIC\tPARTITIONS"), "{text}");
+    assert!(text.contains(&format!("{}\t1", k.dlq)), "{text}");
+    let out = Command::new(bin())
+        .args(["topics", "create"])
+        .envs(k.env(&[]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{}\texists", k.source)));
+    let out = Command::new(bin())
+        .args(["topics", "list"])
+        .env("KAFKA_BROKERS", "127.0.0.1:1")
+        .env("LOG_LEVEL", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an unreachable broker fails");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the broker at 127.0.0.1:1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_create_degrades_cleanly_when_refused() {
+    let k = TestKafka::new(1);
+    let missing = format!("missing-{}", rand_id());
+    let config = k.config(&[
+        ("KAFKA_AUTO_CREATE_TOPICS", "true"),
+        ("KAFKA_PRODUCER_ALLOWED_TOPICS", &missing),
+    ]);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let p = courier::app::producer::start(config, Default::default(), shutdown.clone())
+        .await
+        .expect("starts despite the refusal");
+    shutdown.cancel();
+    p.done.await.unwrap();
+}
+
+#[test]
+fn dev_broker_prints_bootstrap_first_and_serves_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bootstrap");
+    let topic = format!("dev-{}", rand_id());
+    let mut child = Command::new(bin())
+        .args(["dev-broker", "--bootstrap-file"])
+        .arg(&file)
+        .env("KAFKA_CONSUMER_TOPICS", &topic)
+        .env("KAFKA_TOPIC_PARTITIONS", "3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let bootstrap = first.trim().to_owned();
+    assert!(bootstrap.starts_with("127.0.0.1:"), "{bootstrap}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), bootstrap);
+    let out = Command::new(bin())
+        .args(["topics", "list"])
+        .env("KAFKA_BROKERS", &bootstrap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{topic}\t3")) && text.contains("events-dlq\t3"),
+        "{text}"
+    );
+    assert!(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn generator_publishes_count_events_and_exits() {
+    let k = TestKafka::new(2);
+    let out = Command::new(bin())
+        .args([
+            "producer",
+            "--generate",
+            "--rate",
+            "500",
+            "--count",
+            "40",
+            "--types",
+            "order_created,payment_received",
+        ])
+        .envs(k.env(&[]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msgs = k.read_all(&k.source, 40, Duration::from_secs(20));
+    assert_eq!(msgs.len(), 40);
+    for m in &msgs {
+        let v: serde_json::Value = serde_json::from_slice(m.payload.as_deref().unwrap()).unwrap();
+        assert!(["order_created", "payment_received"].contains(&v["type"].as_str().unwrap()));
+        assert_eq!(m.message_id().unwrap(), v["id"].as_str().unwrap());
+    }
+    let bad = Command::new(bin())
+        .args(["producer", "--generate", "--types", "refund"])
+        .envs(k.env(&[]))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown type `refund`"));
+}
