@@ -309,6 +309,7 @@ fn apply_commands(
             tracing::warn!(error = %e, "Pausing partitions failed.");
         }
     }
+    let mut failed = Vec::new();
     for (tp, (offset, epoch)) in &cmds.seek {
         if !shared.epochs.lock().contains_key(tp) {
             continue;
@@ -323,8 +324,17 @@ fn apply_commands(
                 shared.epochs.lock().insert(tp.clone(), *epoch);
             }
             Err(e) => {
-                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "Seek failed.")
+                // Until the seek succeeds, deliveries keep the old epoch and are dropped by
+                // the pipeline (they are fetched again after the seek): try again next round.
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "Seek failed; retrying.");
+                failed.push((tp.clone(), (*offset, *epoch)));
             }
+        }
+    }
+    if !failed.is_empty() {
+        let mut commands = shared.commands.lock();
+        for (tp, seek) in failed {
+            commands.seek.entry(tp).or_insert(seek);
         }
     }
     if resume.count() > 0 {
