@@ -37,7 +37,7 @@ fn events_url(p: &RunningProducer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posted_event_is_on_the_topic_with_key_value_and_message_id() {
     let k = TestKafka::new(3);
-    let (p, shutdown) = producer(&k, &[]).await;
+    let (p, shutdown) = producer(&k, &[("KAFKA_PRODUCER_COMPRESSION", "zstd")]).await;
     let (status, body) = http_request(
         "POST",
         &events_url(&p),

@@ -506,6 +506,18 @@ impl State {
         let control = self.control.clone();
         let _ = tokio::task::spawn_blocking(move || control.close(offsets)).await;
         self.ctx.metrics.in_flight.set(0);
+        let sum = |f: fn(&PartitionSummary) -> u64| self.summary.values().map(f).sum::<u64>();
+        tracing::info!(
+            partitions = self.summary.len(),
+            received = sum(|s| s.received),
+            ok = sum(|s| s.ok),
+            retried = sum(|s| s.retried),
+            dead_lettered = sum(|s| s.dead_lettered),
+            duplicates = sum(|s| s.duplicates),
+            skipped = sum(|s| s.skipped),
+            abandoned = sum(|s| s.abandoned),
+            "Consumer summary."
+        );
         for (tp, s) in &self.summary {
             tracing::info!(topic = %tp.topic, partition = tp.partition, received = s.received, ok = s.ok, retried = s.retried, dead_lettered = s.dead_lettered, duplicates = s.duplicates, skipped = s.skipped, abandoned = s.abandoned, "Partition summary.");
         }
