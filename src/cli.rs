@@ -127,8 +127,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 None
             };
             let shutdown = app::shutdown_on_signals();
-            let running =
-                app::producer::start(config, ProducerOptions { generate, metrics: None }, shutdown).await?;
+            let running = app::producer::start(
+                config,
+                ProducerOptions {
+                    generate,
+                    metrics: None,
+                },
+                shutdown,
+            )
+            .await?;
             let unflushed = running.done.await?;
             if unflushed > 0 {
                 anyhow::bail!(
