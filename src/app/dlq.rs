@@ -2,8 +2,8 @@
 //! messages back to their original topic.
 //!
 //! **inspect** reads the DLQ from the beginning up to the high watermarks snapshotted at the
-//! start, with no consumer group at all (partitions are assigned, nothing can be committed),
-//! so looking never changes anything.
+//! start, assigning the partitions under a throwaway group id that never joins a group and
+//! never commits, so looking never changes anything.
 //!
 //! **replay** reads the DLQ from its own consumer group's committed offsets (default
 //! `{KAFKA_CONSUMER_GROUP_ID}-dlq-replay-{hash of the selection flags}`), publishes each
@@ -35,7 +35,8 @@ use crate::model::now_ms;
 use crate::observability::Metrics;
 use crate::service::dlq::{
     collect_inspect, format_age, replay_group, replay_loop, DlqEntry, DlqFilter, FilterArgs,
-    InspectReport, ReplayEvent, ReplayPlan, ReplayReport, ReplayTarget, Selection,
+    InspectReport, ReadEvent, ReplayError, ReplayEvent, ReplayPlan, ReplayReport, ReplayTarget,
+    Selection,
 };
 use crate::transport::dlq::{open, ReadMode};
 use crate::transport::KafkaPublisher;
@@ -173,7 +174,7 @@ pub async fn run_cli(config: Config, action: DlqAction) -> anyhow::Result<()> {
 }
 
 /// `courier dlq inspect`: lists the matching DLQ messages and a summary to `out`, reading
-/// without a consumer group so nothing is committed.
+/// without joining a group or committing anything.
 ///
 /// # Errors
 /// A bad filter flag, a missing DLQ topic, an unreachable broker, or a write error.
@@ -220,45 +221,56 @@ fn write_inspect(out: &mut impl Write, report: &InspectReport) -> std::io::Resul
     writeln!(out, "by original topic: {}", counts(&s.by_original_topic))
 }
 
-/// Writes entries as an aligned table (id, original position, attempts, kind, age, error).
+const TABLE_HEAD: [&str; 6] = ["ID", "ORIGINAL", "ATTEMPTS", "KIND", "AGE", "ERROR"];
+
+/// The table cells of one entry: id, original position, attempts, kind, age, error.
+fn cells(e: &DlqEntry, now: i64) -> [String; 6] {
+    [
+        e.id.clone().unwrap_or_else(|| "-".into()),
+        e.original_label(),
+        e.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
+        e.kind_label().to_owned(),
+        e.age_ms(now).map_or_else(|| "-".into(), format_age),
+        e.error_message
+            .clone()
+            .unwrap_or_default()
+            .replace('\n', " "),
+    ]
+}
+
+/// One table line; the last column (the error) is not padded.
+fn table_line(cells: [&str; 6], width: &[usize; 6]) -> String {
+    let mut s = String::new();
+    for (c, w) in cells.iter().zip(width).take(5) {
+        s.push_str(&format!("{c:<w$}  "));
+    }
+    s.push_str(cells[5]);
+    s
+}
+
+/// Writes entries as a table whose columns fit the widest cell.
 fn write_table(out: &mut impl Write, entries: &[DlqEntry], now: i64) -> std::io::Result<()> {
-    let rows: Vec<[String; 6]> = entries
-        .iter()
-        .map(|e| {
-            [
-                e.id.clone().unwrap_or_else(|| "-".into()),
-                e.original_label(),
-                e.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
-                e.kind_label().to_owned(),
-                e.age_ms(now).map_or_else(|| "-".into(), format_age),
-                e.error_message
-                    .clone()
-                    .unwrap_or_default()
-                    .replace('\n', " "),
-            ]
-        })
-        .collect();
-    let head = ["ID", "ORIGINAL", "ATTEMPTS", "KIND", "AGE", "ERROR"];
-    let mut width = head.map(str::len);
+    let rows: Vec<[String; 6]> = entries.iter().map(|e| cells(e, now)).collect();
+    let mut width = TABLE_HEAD.map(str::len);
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cells: [&str; 6]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate().take(5) {
-            s.push_str(&format!("{c:<w$}  ", w = width[i]));
-        }
-        s.push_str(cells[5]);
-        s
-    };
-    writeln!(out, "{}", line(head))?;
+    writeln!(out, "{}", table_line(TABLE_HEAD, &width))?;
     for r in &rows {
-        writeln!(out, "{}", line(r.each_ref().map(String::as_str)))?;
+        writeln!(
+            out,
+            "{}",
+            table_line(r.each_ref().map(String::as_str), &width)
+        )?;
     }
     Ok(())
 }
+
+/// Column widths of a streamed table (a dry run lists as it reads, so memory stays flat
+/// however large the DLQ); a longer cell just shifts its line.
+const STREAM_WIDTH: [usize; 6] = [36, 32, 8, 9, 7, 0];
 
 /// `courier dlq replay`: publishes the selected DLQ messages to their original topics (see
 /// the module documentation for progress and its guarantee) and prints a report to `out`.
@@ -273,22 +285,8 @@ pub async fn replay(
     shutdown: CancellationToken,
     out: &mut impl Write,
 ) -> anyhow::Result<ReplayReport> {
-    let args = opts.filter.args();
-    let selection = Selection::parse(opts.all, &args, now_ms())?;
-    if let Some(r) = opts.rate {
-        if !(r > 0.0 && r.is_finite()) {
-            anyhow::bail!("--rate={r}: expected a positive number of messages per second");
-        }
-    }
-    let group = opts
-        .group
-        .clone()
-        .unwrap_or_else(|| replay_group(&config.consumer.group_id, opts.all, &args));
+    let (plan, group) = replay_plan(config, opts)?;
     let topic = config.retry.dlq_topic.clone();
-    let plan = ReplayPlan {
-        selection,
-        rate: opts.rate,
-    };
     let (reader, mut events) = open(config, ReadMode::Group(group.clone())).await?;
     let start = if reader.resumed() {
         "resuming from its committed offsets"
@@ -304,15 +302,7 @@ pub async fn replay(
     tracing::info!(topic = %topic, group = %group, dry_run = opts.dry_run, "The DLQ replay starts.");
     let mut report = ReplayReport::default();
     let result = if opts.dry_run {
-        let mut listed = Vec::new();
-        let r = replay_loop(&mut events, &plan, None, &shutdown, &mut report, |ev| {
-            if let ReplayEvent::WouldReplay { entry, .. } = ev {
-                listed.push(entry.clone());
-            }
-        })
-        .await;
-        write_table(out, &listed, now_ms())?;
-        r
+        dry_run(&mut events, &plan, &shutdown, &mut report, out).await?
     } else {
         let publisher = KafkaPublisher::new(config, Metrics::default())
             .context("creating the replay producer")?;
@@ -321,21 +311,67 @@ pub async fn replay(
             publisher: &publisher,
             progress: &progress,
         };
-        replay_loop(
-            &mut events,
-            &plan,
-            Some(target),
-            &shutdown,
-            &mut report,
-            log_event,
-        )
-        .await
+        let (sd, rep) = (&shutdown, &mut report);
+        replay_loop(&mut events, &plan, Some(target), sd, rep, log_event).await
     };
     drop(events);
     reader.close().await;
     write_replay_report(out, &report)?;
     result?;
     Ok(report)
+}
+
+/// Validates the replay flags and picks the progress group.
+fn replay_plan(config: &Config, opts: &ReplayOptions) -> anyhow::Result<(ReplayPlan, String)> {
+    let args = opts.filter.args();
+    let selection = Selection::parse(opts.all, &args, now_ms())?;
+    if let Some(r) = opts.rate {
+        if !(r > 0.0 && r.is_finite()) {
+            anyhow::bail!("--rate={r}: expected a positive number of messages per second");
+        }
+    }
+    let group = opts
+        .group
+        .clone()
+        .unwrap_or_else(|| replay_group(&config.consumer.group_id, opts.all, &args));
+    if group == config.consumer.group_id || group.trim().is_empty() {
+        anyhow::bail!(
+            "--group={group}: expected a group of its own, not KAFKA_CONSUMER_GROUP_ID (the service's group)"
+        );
+    }
+    let plan = ReplayPlan {
+        selection,
+        rate: opts.rate,
+    };
+    Ok((plan, group))
+}
+
+/// A dry run: lists each message that would be replayed as it is read.
+/// The outer error is a failed write to `out`; the inner one is the loop's.
+async fn dry_run(
+    events: &mut tokio::sync::mpsc::Receiver<ReadEvent>,
+    plan: &ReplayPlan,
+    shutdown: &CancellationToken,
+    report: &mut ReplayReport,
+    out: &mut impl Write,
+) -> std::io::Result<Result<(), ReplayError>> {
+    writeln!(out, "{}", table_line(TABLE_HEAD, &STREAM_WIDTH))?;
+    let now = now_ms();
+    let mut write_err = None;
+    let r = replay_loop(events, plan, None, shutdown, report, |ev| {
+        if let ReplayEvent::WouldReplay { entry, .. } = ev {
+            let c = cells(entry, now);
+            let line = table_line(c.each_ref().map(String::as_str), &STREAM_WIDTH);
+            if let Err(e) = writeln!(out, "{line}") {
+                write_err.get_or_insert(e);
+            }
+        }
+    })
+    .await;
+    match write_err {
+        Some(e) => Err(e),
+        None => Ok(r),
+    }
 }
 
 fn log_event(ev: ReplayEvent<'_>) {

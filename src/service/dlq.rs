@@ -282,24 +282,30 @@ pub enum Selection {
     Filter(DlqFilter),
 }
 
+/// Why the replay selection flags were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectionError {
+    /// A filter flag has a bad value.
+    #[error(transparent)]
+    Flag(#[from] FilterError),
+    /// Neither `--all` nor a filter.
+    #[error("replay needs --all, or a filter (--error-kind, --since, --id) to choose messages")]
+    NothingChosen,
+    /// Both `--all` and a filter.
+    #[error("--all cannot be combined with a filter (--error-kind, --since, --id)")]
+    AllWithFilter,
+}
+
 impl Selection {
     /// Replay refuses to guess: it needs `--all` or at least one filter, and not both.
     ///
     /// # Errors
-    /// A [`FilterError`] when neither or both are given, or a filter value is bad.
-    pub fn parse(all: bool, args: &FilterArgs, now_ms: i64) -> Result<Self, FilterError> {
+    /// A [`SelectionError`] when neither or both are given, or a filter value is bad.
+    pub fn parse(all: bool, args: &FilterArgs, now_ms: i64) -> Result<Self, SelectionError> {
         match (all, args.is_empty()) {
             (true, true) => Ok(Selection::All),
-            (true, false) => Err(FilterError {
-                flag: "--all",
-                value: "true".into(),
-                expected: "no filter flags with it (--error-kind, --since, --id)",
-            }),
-            (false, true) => Err(FilterError {
-                flag: "--all",
-                value: "false".into(),
-                expected: "--all to replay every message, or a filter (--error-kind, --since, --id) to choose some",
-            }),
+            (true, false) => Err(SelectionError::AllWithFilter),
+            (false, true) => Err(SelectionError::NothingChosen),
             (false, false) => Ok(Selection::Filter(DlqFilter::parse(args, now_ms)?)),
         }
     }
@@ -992,12 +998,13 @@ mod tests {
     #[test]
     fn replay_needs_all_or_a_filter_not_both() {
         let none = Selection::parse(false, &FilterArgs::default(), NOW).unwrap_err();
+        assert_eq!(none, SelectionError::NothingChosen);
         assert!(
-            none.to_string().contains("--all to replay every message"),
+            none.to_string().contains("needs --all, or a filter"),
             "{none}"
         );
         let both = Selection::parse(true, &args(&["fatal"], None, &[]), NOW).unwrap_err();
-        assert!(both.to_string().contains("no filter flags"), "{both}");
+        assert_eq!(both, SelectionError::AllWithFilter);
         assert_eq!(
             Selection::parse(true, &FilterArgs::default(), NOW).unwrap(),
             Selection::All

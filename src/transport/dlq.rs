@@ -5,8 +5,9 @@
 //! and reads up to the snapshot on a dedicated thread, sending [`ReadEvent`]s through a
 //! bounded channel. New messages arriving meanwhile are left for the next run.
 //!
-//! - [`ReadMode::Snapshot`] (inspect): the consumer has no `group.id` at all, so it cannot
-//!   commit or create a group; it reads from the low watermark.
+//! - [`ReadMode::Snapshot`] (inspect): the consumer's `group.id` is a fresh random name
+//!   (librdkafka needs one to assign partitions) that is never joined or committed to, so no
+//!   group appears on the broker; it reads from the low watermark.
 //! - [`ReadMode::Group`] (replay): the consumer has the replay group's id, only to read and
 //!   commit that group's offsets; it starts at the committed offsets (the low watermark when
 //!   there are none, or when retention removed them). [`KafkaProgress`] commits
@@ -44,7 +45,7 @@ const CHANNEL_CAPACITY: usize = 64;
 /// How the DLQ is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadMode {
-    /// From the beginning, without a group: nothing can be committed.
+    /// From the beginning, with a throwaway group id that is never committed to.
     Snapshot,
     /// From this group's committed offsets; the group's offsets may be committed.
     Group(String),
@@ -97,7 +98,11 @@ pub async fn open(
     cc.set("enable.auto.offset.store", "false");
     match &mode {
         ReadMode::Snapshot => {
-            cc.remove("group.id");
+            // librdkafka needs a group id to assign partitions; a fresh one that is never
+            // committed to (auto-commit off, no commit calls, no subscription) leaves no
+            // trace on the broker and cannot collide with a real group.
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            cc.set("group.id", format!("courier-dlq-inspect-{id}"));
             cc.remove("group.instance.id");
         }
         ReadMode::Group(g) => {
@@ -254,12 +259,15 @@ fn read_loop(
                 if m.offset() + 1 >= end {
                     finish(consumer, topic, &mut open, i);
                 }
-                if m.offset() < end
-                    && tx
+                if m.offset() < end {
+                    if tx
                         .blocking_send(ReadEvent::Message(to_delivery(&m)))
                         .is_err()
-                {
-                    return;
+                    {
+                        return;
+                    }
+                    // Waiting for a slow (rate-limited) caller is not a stall.
+                    last_progress = Instant::now();
                 }
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
