@@ -368,7 +368,8 @@ fn poll_loop(
                 }
             }
             shared.closing.store(true, Ordering::SeqCst);
-            consumer.unsubscribe();
+            // Dropping the consumer closes it: librdkafka revokes (our callback skips the
+            // handshake while closing), then sends LeaveGroup.
             break;
         }
         if let Some(since) = pipeline_gone {
