@@ -18,6 +18,9 @@ use crate::service::offsets::PartitionOffsets;
 use crate::service::source::{ConsumerControl, Control, DeliveryBatch, Epoch, Tp};
 use crate::service::worker::{Job, Outcome, WorkerContext};
 
+/// How long the in-flight bound must stay reached before the assigned partitions are paused.
+pub const BACKPRESSURE_GRACE: Duration = Duration::from_millis(500);
+
 /// Pipeline sizing and deadlines.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -93,6 +96,7 @@ struct State {
     parts: HashMap<Tp, Part>,
     in_flight: usize,
     backpressure: bool,
+    saturated_since: Option<Instant>,
     draining: bool,
     pause_dirty: bool,
     pending: VecDeque<(Delivery, Epoch)>,
@@ -122,6 +126,7 @@ pub async fn run(
         parts: HashMap::new(),
         in_flight: 0,
         backpressure: false,
+        saturated_since: None,
         draining: false,
         pause_dirty: false,
         pending: VecDeque::new(),
@@ -145,6 +150,7 @@ pub async fn run(
             .next_due()
             .map(|due| Duration::from_millis((due - now_ms()).max(0) as u64));
         let revoke_deadline = st.revoke.as_ref().map(|r| r.deadline);
+        let pressure_at = st.backpressure_deadline();
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !st.draining => {
@@ -169,6 +175,7 @@ pub async fn run(
                 st.finish_revoke();
             }
             _ = tokio::time::sleep(due_in.unwrap_or_default()), if due_in.is_some() => st.wake_due(),
+            _ = tokio::time::sleep_until(pressure_at.unwrap_or(far)), if pressure_at.is_some() => {}
             _ = commit_tick.tick() => st.commit(),
             _ = tokio::time::sleep_until(drain_deadline), if st.draining => {
                 tracing::warn!(in_flight = st.in_flight, "Shutdown timeout: unfinished messages stay uncommitted and are consumed again after a restart.");
@@ -251,13 +258,33 @@ impl State {
             };
             self.accept(d, epoch);
         }
-        let over = self.in_flight >= self.cfg.max_in_flight;
-        let under = self.in_flight <= self.cfg.max_in_flight / 2;
-        if (over && !self.backpressure) || (under && self.backpressure) {
-            self.backpressure = over;
-            self.pause_dirty = true;
+        // The bound itself holds because no delivery is taken beyond it. Pausing the
+        // partitions on top of that keeps the driver polling (callbacks, group liveness)
+        // during sustained saturation; a pause makes librdkafka drop what it prefetched, so
+        // a momentary peak must not trigger it.
+        let now = Instant::now();
+        if self.in_flight >= self.cfg.max_in_flight {
+            let since = *self.saturated_since.get_or_insert(now);
+            if !self.backpressure && now.duration_since(since) >= BACKPRESSURE_GRACE {
+                self.backpressure = true;
+                self.pause_dirty = true;
+            }
+        } else if self.in_flight <= self.cfg.max_in_flight / 2 {
+            self.saturated_since = None;
+            if self.backpressure {
+                self.backpressure = false;
+                self.pause_dirty = true;
+            }
         }
         self.ctx.metrics.in_flight.set(self.in_flight as i64);
+    }
+
+    /// When a sustained saturation should turn into paused partitions, if it may.
+    fn backpressure_deadline(&self) -> Option<Instant> {
+        match (self.backpressure, self.saturated_since) {
+            (false, Some(since)) => Some(since + BACKPRESSURE_GRACE),
+            _ => None,
+        }
     }
 
     fn accept(&mut self, d: Delivery, epoch: Epoch) {
