@@ -17,7 +17,9 @@ where
     let filter = if config.level.contains("rdkafka") {
         filter
     } else {
-        filter.add_directive("rdkafka=warn".parse().expect("static directive parses"))
+        filter
+            .add_directive("rdkafka=warn".parse().expect("static directive parses"))
+            .add_directive("librdkafka=warn".parse().expect("static directive parses"))
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

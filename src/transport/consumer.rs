@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::model::Delivery;
 use crate::observability::{Metrics, Readiness};
 use crate::service::source::{ConsumerControl, Control, DeliveryBatch, Epoch, Tp};
+use crate::transport::context::ErrorLimiter;
 use crate::transport::settings::{client_config, ClientRole};
 
 /// Messages taken from librdkafka per poll round and sent to the pipeline as one batch.
@@ -57,9 +58,14 @@ struct DriverContext {
     metrics: Metrics,
     readiness: Arc<Readiness>,
     revoke_wait: Duration,
+    errors: ErrorLimiter,
 }
 
 impl ClientContext for DriverContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.report(&error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
         let assigned = self.shared.epochs.lock();
         for (topic, t) in &statistics.topics {
@@ -248,6 +254,7 @@ pub fn start(
         metrics,
         readiness,
         revoke_wait: config.consumer.shutdown_timeout + Duration::from_secs(5),
+        errors: ErrorLimiter::default(),
     };
     let consumer: BaseConsumer<DriverContext> =
         client_config(config, ClientRole::Consumer).create_with_context(ctx)?;

@@ -11,6 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::Config;
 use crate::observability::Readiness;
+use crate::transport::context::CourierContext;
 use crate::transport::settings::{client_config, ClientRole};
 use crate::transport::KafkaPublisher;
 
@@ -36,7 +37,8 @@ impl HealthChecker {
         readiness: Arc<Readiness>,
         publisher: Option<Arc<KafkaPublisher>>,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let client: BaseConsumer = client_config(config, ClientRole::Admin).create()?;
+        let client: BaseConsumer<CourierContext> = client_config(config, ClientRole::Admin)
+            .create_with_context(CourierContext::default())?;
         let interval = config.health.probe_interval;
         let timeout = config.health.probe_timeout;
         let max_backoff = config.health.max_backoff.max(interval);

@@ -16,11 +16,12 @@ use crate::config::Config;
 use crate::model::{Ack, OutgoingRecord};
 use crate::observability::Metrics;
 use crate::service::publish::{PublishError, PublishFailure, Publisher};
+use crate::transport::context::CourierContext;
 use crate::transport::settings::{client_config, ClientRole};
 
 /// Publishes records to Kafka and counts the outcome per topic.
 pub struct KafkaPublisher {
-    producer: RwLock<Arc<FutureProducer>>,
+    producer: RwLock<Arc<FutureProducer<CourierContext>>>,
     client_config: ClientConfig,
     metrics: Metrics,
 }
@@ -38,7 +39,8 @@ impl KafkaPublisher {
     /// When librdkafka rejects the configuration.
     pub fn new(config: &Config, metrics: Metrics) -> Result<Self, KafkaError> {
         let client_config = client_config(config, ClientRole::Producer);
-        let producer: FutureProducer = client_config.create()?;
+        let producer: FutureProducer<CourierContext> =
+            client_config.create_with_context(CourierContext::default())?;
         Ok(KafkaPublisher {
             producer: RwLock::new(Arc::new(producer)),
             client_config,
@@ -46,7 +48,7 @@ impl KafkaPublisher {
         })
     }
 
-    fn current(&self) -> Arc<FutureProducer> {
+    fn current(&self) -> Arc<FutureProducer<CourierContext>> {
         self.producer.read().clone()
     }
 
@@ -56,7 +58,10 @@ impl KafkaPublisher {
     pub fn recreate_if_fatal(&self) -> Option<String> {
         let (code, reason) = self.current().client().fatal_error()?;
         let reason = format!("{code:?}: {reason}");
-        match self.client_config.create::<FutureProducer>() {
+        match self
+            .client_config
+            .create_with_context::<_, FutureProducer<CourierContext>>(CourierContext::default())
+        {
             Ok(fresh) => {
                 *self.producer.write() = Arc::new(fresh);
                 tracing::error!(error = %reason, "The producer hit a fatal error and was recreated.");
