@@ -24,9 +24,9 @@ use crate::observability::Metrics;
 use crate::service::demo::{check_share, DemoProcessor, DemoTopics, FailurePlan, LiveCounts};
 use crate::service::generator::{GeneratorConfig, EVENT_TYPES};
 use crate::service::Processor;
-
-pub use crate::service::demo::DemoSummary;
 use crate::transport::DevBroker;
+
+pub use crate::service::demo::{DemoSummary, DrainEnd};
 
 /// The retry delays of the demo unless `KAFKA_RETRY_BACKOFF` (or the TOML file) sets them:
 /// short, so the whole retry chain plays out within seconds.
@@ -66,6 +66,7 @@ pub struct DemoArgs {
     pub duplicate_share: f64,
 }
 
+/// `--*-share`: clap names the flag in its error, so the message says only what is accepted.
 fn parse_share(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
@@ -73,6 +74,7 @@ fn parse_share(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--rate`: a rate of zero would never produce anything, and the generator needs a finite one.
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
@@ -109,8 +111,9 @@ pub struct DemoOptions {
     pub duplicate_share: f64,
     /// How progress is shown.
     pub progress: ProgressStyle,
-    /// Cancelled to stop waiting for the drain (a second Ctrl-C): the summary then says
-    /// the drain was cut short.
+    /// Cancelled to stop waiting for the drain after `shutdown` ended the run (the CLI
+    /// wires it to a second Ctrl-C); after `duration`, cancelling `shutdown` does the same.
+    /// The summary then says the drain was interrupted.
     pub stop_draining: CancellationToken,
 }
 
@@ -155,8 +158,8 @@ impl DemoOptions {
 /// stops waiting for the drain, and the summary goes to stdout.
 ///
 /// # Errors
-/// Bad flags, a component that cannot start, or numbers that do not add up (so scripts
-/// and CI can use the demo as a smoke test).
+/// Bad flags, a component that cannot start, or numbers that do not add up unless the user
+/// interrupted the drain (so scripts and CI can use the demo as a smoke test).
 pub async fn run_cli(config: Config, args: DemoArgs) -> anyhow::Result<()> {
     let (stdout_tty, stderr_tty) = (
         std::io::stdout().is_terminal(),
@@ -194,7 +197,9 @@ pub async fn run_cli(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         stop_draining.cancel();
     });
     let summary = run(config, opts, shutdown, std::io::stdout()).await?;
-    if !summary.adds_up() {
+    // Stopping the drain on purpose is the user's call; anything else that does not add up
+    // is a failure (a time limit, a lost or doubly counted message).
+    if !summary.adds_up() && summary.drain != DrainEnd::Interrupted {
         anyhow::bail!("the demo's numbers do not add up: {}", summary.check_line());
     }
     Ok(())
@@ -232,7 +237,12 @@ pub async fn run(
         "{reason}: stopping the generator, then waiting for every produced message to finish."
     )?;
     demo.stop_producer().await?;
-    let drain = demo.drain(&mut out, &mut progress, &opts).await;
+    // After --duration, the first Ctrl-C stops waiting; after a Ctrl-C, the second one.
+    let stop_waiting = match reason {
+        StopReason::Duration => shutdown,
+        StopReason::Signal => opts.stop_draining.clone(),
+    };
+    let drain = demo.drain(&mut out, &mut progress, &stop_waiting).await;
     progress.end_line(&mut out);
     let summary = demo.finish(ran_for, drain).await?;
     summary.write_table(&mut out, &demo.topics)?;
@@ -322,6 +332,20 @@ fn demo_configs(
         config.health.probe_interval = DEMO_PROBE_INTERVAL;
         config.raw.health.probe_interval_ms = DEMO_PROBE_INTERVAL.as_millis() as i64;
     }
+    let producer_ops = demo_addresses(&mut config, &defaults, notes);
+    let mut producer_cfg = config.clone();
+    producer_cfg.ops_addr = producer_ops;
+    Ok((producer_cfg, config))
+}
+
+/// Puts the consumer's ops server and the ingest API on loopback unless the user chose
+/// addresses, falls back to free ports where taken, and returns the producer's ops address
+/// (the next port up; the consumer's `OPS_ADDR` is the one the banner shows).
+fn demo_addresses(
+    config: &mut Config,
+    defaults: &RawConfig,
+    notes: &mut Vec<String>,
+) -> SocketAddr {
     let wanted_ops = if config.raw.ops.addr == defaults.ops.addr {
         DEMO_OPS_ADDR
     } else {
@@ -334,13 +358,11 @@ fn demo_configs(
     };
     config.ops_addr = available("OPS_ADDR", wanted_ops, notes);
     config.http.addr = available("HTTP_ADDR", wanted_http, notes);
-    let mut producer_cfg = config.clone();
     let producer_ops = match config.ops_addr.port() {
         0 | u16::MAX => SocketAddr::new(config.ops_addr.ip(), 0),
         p => SocketAddr::new(config.ops_addr.ip(), p + 1),
     };
-    producer_cfg.ops_addr = available("the producer's ops address", producer_ops, notes);
-    Ok((producer_cfg, config))
+    available("the producer's ops address", producer_ops, notes)
 }
 
 /// `addr` if it can be bound now, else the same IP with port 0 (any free port), with a
@@ -355,11 +377,10 @@ fn available(what: &str, addr: SocketAddr, notes: &mut Vec<String>) -> SocketAdd
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        // As tokio's own listeners do, so a port in TIME_WAIT counts as free.
+        // As tokio's own listeners do, so a port in TIME_WAIT counts as free; binding
+        // still fails while another socket listens on it.
         socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        drop(socket.listen(1)?);
-        Ok(())
+        socket.bind(addr)
     };
     match probe() {
         Ok(()) => addr,
@@ -386,7 +407,7 @@ fn url_addr(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Why the generating phase ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
     Duration,
     Signal,
@@ -405,7 +426,7 @@ impl std::fmt::Display for StopReason {
 #[derive(Debug, Clone, Copy)]
 struct Drain {
     took: Duration,
-    complete: bool,
+    end: DrainEnd,
 }
 
 /// Writes progress in the chosen style; writes are best-effort (a closed stdout must not
@@ -430,12 +451,13 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self, out: &mut impl Write, snap: &LiveCounts) {
+    /// Writes a progress line if one is due (or `now`).
+    fn tick(&mut self, out: &mut impl Write, snap: &LiveCounts, now: bool) {
         let every = match self.style {
             ProgressStyle::Live => Duration::from_millis(250),
             ProgressStyle::Lines { every, .. } => every,
         };
-        if self.last.is_some_and(|t| t.elapsed() < every) {
+        if !now && self.last.is_some_and(|t| t.elapsed() < every) {
             return;
         }
         self.last = Some(Instant::now());
@@ -534,6 +556,19 @@ impl Demo {
         format!("http://{}/metrics", url_addr(self.consumer.ops_addr))
     }
 
+    /// The kcat commands that show each topic of the chain, one per line.
+    fn kcat_lines(&self, bootstrap: &str) -> String {
+        let t = &self.topics;
+        let retries = (1..=t.retry_max).map(|n| t.retry.topic(n));
+        t.sources
+            .iter()
+            .cloned()
+            .chain(retries)
+            .chain(std::iter::once(t.retry.dlq_topic.clone()))
+            .map(|topic| format!("  kcat -C -b {bootstrap} -t {topic} -f '%h %k %s\\n'\n"))
+            .collect()
+    }
+
     /// The start-up banner: where everything is and how to look at it.
     fn banner(&self, bootstrap: &str, opts: &DemoOptions, notes: &[String]) -> String {
         let t = &self.topics;
@@ -549,15 +584,6 @@ impl Demo {
             ),
             None => "until Ctrl-C, then drains (a second Ctrl-C stops waiting)".to_owned(),
         };
-        let chain = t
-            .sources
-            .iter()
-            .cloned()
-            .chain((1..=t.retry_max).map(|n| t.retry.topic(n)));
-        let kcat: String = chain
-            .chain(std::iter::once(t.retry.dlq_topic.clone()))
-            .map(|topic| format!("  kcat -C -b {bootstrap} -t {topic} -f '%h %k %s\\n'\n"))
-            .collect();
         let notes: String = notes.iter().map(|n| format!("note: {n}\n")).collect();
         let tip = if std::io::stderr().is_terminal() {
             "Tip: logs go to stderr; `courier demo 2>/tmp/courier-demo.log` shows a live progress line.\n"
@@ -596,7 +622,7 @@ impl Demo {
             producer_ops = url_addr(self.producer.ops_addr),
             http = http,
             runs = runs,
-            kcat = kcat,
+            kcat = self.kcat_lines(bootstrap),
             tip = tip,
         )
     }
@@ -625,7 +651,7 @@ impl Demo {
             if self.consumer.done.is_finished() || self.producer.done.is_finished() {
                 anyhow::bail!("the demo's consumer or producer stopped by itself; see the log");
             }
-            progress.tick(out, &self.counts());
+            progress.tick(out, &self.counts(), false);
         }
     }
 
@@ -641,54 +667,49 @@ impl Demo {
     }
 
     /// Waits until every produced message is finished (ok, duplicate or DLQ), at most the
-    /// retry chain's delays plus slack, or until `opts.stop_draining`.
+    /// retry chain's delays plus slack, or until `stop` (Ctrl-C).
     async fn drain(
         &self,
         out: &mut impl Write,
         progress: &mut Progress,
-        opts: &DemoOptions,
+        stop: &CancellationToken,
     ) -> Drain {
         let started = Instant::now();
         let limit = self.topics.chain_delay() + DRAIN_SLACK;
-        let _ = writeln!(out, "Draining {} unfinished messages (retries wait for their due time; at most {}; a second Ctrl-C stops waiting).", self.counts().pending(), humantime::format_duration(limit));
+        let _ = writeln!(out, "Draining {} unfinished messages (retries wait for their due time; at most {}; Ctrl-C stops waiting).", self.counts().pending(), humantime::format_duration(limit));
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let counts = self.counts();
-            progress.tick(out, &counts);
-            if counts.pending() == 0 {
-                return Drain {
-                    took: started.elapsed(),
-                    complete: true,
-                };
-            }
-            let why = if started.elapsed() >= limit {
-                Some(format!(
-                    "its limit of {} passed",
-                    humantime::format_duration(limit)
-                ))
-            } else if opts.stop_draining.is_cancelled() {
-                Some("interrupted".to_owned())
+            let end = if counts.pending() == 0 {
+                Some(DrainEnd::Complete)
+            } else if started.elapsed() >= limit {
+                Some(DrainEnd::TimedOut)
+            } else if stop.is_cancelled() {
+                Some(DrainEnd::Interrupted)
             } else if self.consumer.done.is_finished() {
-                Some("the consumer stopped by itself".to_owned())
+                Some(DrainEnd::ConsumerStopped)
             } else {
                 None
             };
-            if let Some(why) = why {
-                progress.end_line(out);
-                let _ = writeln!(
-                    out,
-                    "Stopped waiting for the drain ({why}) with {} messages unfinished.",
-                    counts.pending()
-                );
-                tracing::warn!(reason = %why, "The demo's drain was cut short; its summary will not add up.");
+            progress.tick(out, &counts, end == Some(DrainEnd::Complete));
+            if let Some(end) = end {
+                if end != DrainEnd::Complete {
+                    progress.end_line(out);
+                    let _ = writeln!(
+                        out,
+                        "Stopped waiting ({end}) with {} messages unfinished.",
+                        counts.pending()
+                    );
+                    tracing::warn!(reason = %end, "The demo's drain was cut short; its summary will not add up.");
+                }
                 return Drain {
                     took: started.elapsed(),
-                    complete: false,
+                    end,
                 };
             }
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = opts.stop_draining.cancelled() => {}
+                _ = stop.cancelled() => {}
             }
         }
     }
@@ -714,7 +735,7 @@ impl Demo {
             processor_calls: calls.calls.load(Relaxed),
             ran_for,
             drained_in: drain.took,
-            drain_complete: drain.complete,
+            drain: drain.end,
             metrics_url: self.metrics_url(),
             ingest_addr: self.producer.http_addr,
         };

@@ -344,6 +344,30 @@ impl LiveCounts {
     }
 }
 
+/// How the demo's drain ended: only a complete drain can add up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Every produced message was finished.
+    Complete,
+    /// The user stopped waiting (Ctrl-C).
+    Interrupted,
+    /// The wait hit its limit (the retry chain's delays plus slack).
+    TimedOut,
+    /// The consumer stopped by itself.
+    ConsumerStopped,
+}
+
+impl std::fmt::Display for DrainEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DrainEnd::Complete => "the drain finished every message",
+            DrainEnd::Interrupted => "the drain was interrupted",
+            DrainEnd::TimedOut => "the drain hit its time limit",
+            DrainEnd::ConsumerStopped => "the consumer stopped by itself",
+        })
+    }
+}
+
 /// The outcome of a demo run: the numbers of its summary table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DemoSummary {
@@ -373,8 +397,8 @@ pub struct DemoSummary {
     pub ran_for: Duration,
     /// How long the drain took.
     pub drained_in: Duration,
-    /// Whether the drain saw every produced message finished (else it was cut short).
-    pub drain_complete: bool,
+    /// How the drain ended.
+    pub drain: DrainEnd,
     /// The `/metrics` URL served during the run.
     pub metrics_url: String,
     /// The ingest API's address.
@@ -398,10 +422,9 @@ impl DemoSummary {
         }
         let finished = self.ok + self.duplicates + self.dead_lettered;
         let why = if finished < self.produced {
-            let cut = if self.drain_complete {
-                ""
-            } else {
-                ": the drain was cut short"
+            let cut = match self.drain {
+                DrainEnd::Complete => String::new(),
+                end => format!(": {end}"),
             };
             format!("{} not finished{cut}", self.produced - finished)
         } else {
@@ -428,76 +451,79 @@ impl DemoSummary {
         }
     }
 
-    /// Writes the summary table and the accounting line.
-    ///
-    /// # Errors
-    /// When `out` fails.
-    pub fn write_table(&self, out: &mut dyn Write, topics: &DemoTopics) -> std::io::Result<()> {
-        let cut = if self.drain_complete {
-            ""
-        } else {
-            ", cut short"
-        };
-        writeln!(
-            out,
-            "\nSummary (generated for {:.1}s, drained in {:.1}s{cut})",
-            self.ran_for.as_secs_f64(),
-            self.drained_in.as_secs_f64()
-        )?;
+    /// The rows of the summary table: what, how many, and a note.
+    fn rows(&self, topics: &DemoTopics) -> Vec<(String, u64, String)> {
+        let row = |what: &str, n: u64, note: String| (what.to_owned(), n, note);
         let via_api = self.produced.saturating_sub(self.generated);
-        let exhausted = self.dead_lettered.saturating_sub(self.fatal);
+        let sources = topics.sources.join(",");
         let mut rows = vec![
-            (
-                "produced".to_owned(),
+            row(
+                "produced",
                 self.produced,
                 format!(
-                    "on {} ({} generated, {via_api} via the ingest API)",
-                    topics.sources.join(","),
+                    "on {sources} ({} generated, {via_api} via the ingest API)",
                     self.generated
                 ),
             ),
-            (
-                "processed ok".to_owned(),
+            row(
+                "processed ok",
                 self.ok,
                 format!("{} of them on a retry", self.ok_after_retry),
             ),
         ];
         for (i, n) in self.retried.iter().enumerate() {
-            rows.push((
-                format!("retried to {}", topics.retry.topic(i as u32 + 1)),
-                *n,
-                String::new(),
-            ));
+            let topic = topics.retry.topic(i as u32 + 1);
+            rows.push(row(&format!("retried to {topic}"), *n, String::new()));
         }
-        rows.push((
-            "dead-lettered".to_owned(),
+        let exhausted = self.dead_lettered.saturating_sub(self.fatal);
+        let dlq = &topics.retry.dlq_topic;
+        rows.push(row(
+            "dead-lettered",
             self.dead_lettered,
             format!(
-                "on {} ({} fatal, {exhausted} exhausted every retry)",
-                topics.retry.dlq_topic, self.fatal
+                "on {dlq} ({} fatal, {exhausted} exhausted every retry)",
+                self.fatal
             ),
         ));
-        rows.push((
-            "duplicates skipped".to_owned(),
+        rows.push(row(
+            "duplicates skipped",
             self.duplicates,
             format!(
                 "the generator re-used {} ids; a copy of a failed message is processed again",
                 self.resent_ids
             ),
         ));
-        rows.push((
-            "processor calls".to_owned(),
+        rows.push(row(
+            "processor calls",
             self.processor_calls,
-            "every attempt of every message".to_owned(),
+            "every attempt of every message".into(),
         ));
         if self.abandoned > 0 {
-            rows.push((
-                "left unfinished".to_owned(),
+            rows.push(row(
+                "left unfinished",
                 self.abandoned,
-                "uncommitted; consumed again after a restart".to_owned(),
+                "uncommitted; consumed again after a restart".into(),
             ));
         }
-        for (what, n, note) in rows {
+        rows
+    }
+
+    /// Writes the summary table and the accounting line.
+    ///
+    /// # Errors
+    /// When `out` fails.
+    pub fn write_table(&self, out: &mut dyn Write, topics: &DemoTopics) -> std::io::Result<()> {
+        let cut = if self.drain == DrainEnd::Complete {
+            ""
+        } else {
+            ", cut short"
+        };
+        let (ran, drained) = (self.ran_for.as_secs_f64(), self.drained_in.as_secs_f64());
+        writeln!(
+            out,
+            "\nSummary (generated for {ran:.1}s, drained in {drained:.1}s{cut})"
+        )?;
+        for (what, n, note) in self.rows(topics) {
             writeln!(out, "{}", format!("  {what:<26}{n:>7}   {note}").trim_end())?;
         }
         writeln!(out, "\n{}", self.check_line())
@@ -749,7 +775,7 @@ mod tests {
         }
     }
 
-    fn summary(produced: u64, ok: u64, dup: u64, dlq: u64, complete: bool) -> DemoSummary {
+    fn summary(produced: u64, ok: u64, dup: u64, dlq: u64, drain: DrainEnd) -> DemoSummary {
         DemoSummary {
             produced,
             generated: produced,
@@ -764,7 +790,7 @@ mod tests {
             processor_calls: 0,
             ran_for: Duration::ZERO,
             drained_in: Duration::ZERO,
-            drain_complete: complete,
+            drain,
             metrics_url: String::new(),
             ingest_addr: "127.0.0.1:8080".parse().unwrap(),
         }
@@ -772,18 +798,18 @@ mod tests {
 
     #[test]
     fn the_check_line_says_whether_and_why() {
-        let s = summary(1500, 1310, 75, 115, true);
+        let s = summary(1500, 1310, 75, 115, DrainEnd::Complete);
         assert!(s.adds_up());
         assert_eq!(
             s.check_line(),
             "produced 1500 = ok 1310 + duplicates 75 + dead-lettered 115 ✓"
         );
-        let s = summary(1500, 1300, 75, 115, false);
+        let s = summary(1500, 1300, 75, 115, DrainEnd::Interrupted);
         assert!(!s.adds_up());
         assert!(s
             .check_line()
-            .ends_with("✗ (10 not finished: the drain was cut short)"));
-        let s = summary(10, 9, 1, 1, true);
+            .ends_with("✗ (10 not finished: the drain was interrupted)"));
+        let s = summary(10, 9, 1, 1, DrainEnd::Complete);
         assert!(s.check_line().contains("1 finished more than once"));
     }
 
@@ -844,7 +870,7 @@ mod tests {
         per.insert(Tp::new("events", 1), p(10, 5, 0, 0));
         per.insert(Tp::new("events-retry-1", 0), p(12, 8, 0, 0));
         per.insert(Tp::new("events-retry-3", 2), p(0, 0, 2, 0));
-        let mut s = summary(0, 0, 0, 0, true);
+        let mut s = summary(0, 0, 0, 0, DrainEnd::Complete);
         s.add_partitions(&per, &t);
         assert_eq!(
             (s.ok, s.ok_after_retry, s.duplicates, s.dead_lettered),

@@ -9,6 +9,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -59,24 +60,89 @@ pub struct PartitionSummary {
 /// What the pipeline did, per topic and partition.
 pub type Summary = BTreeMap<Tp, PartitionSummary>;
 
+/// Metric handles of one topic, resolved once instead of per message.
+struct TopicMeters {
+    received: IntCounter,
+    processed: [IntCounter; 5],
+}
+
+impl TopicMeters {
+    fn new(metrics: &crate::observability::Metrics, topic: &str) -> Self {
+        let p = |o: Outcome| {
+            metrics
+                .messages_processed
+                .with_label_values(&[topic, o.label()])
+        };
+        TopicMeters {
+            received: metrics.messages_received.with_label_values(&[topic]),
+            processed: [
+                p(Outcome::Ok),
+                p(Outcome::Retried(1)),
+                p(Outcome::DeadLettered),
+                p(Outcome::Duplicate),
+                p(Outcome::Skipped),
+            ],
+        }
+    }
+
+    fn processed(&self, o: Outcome) -> Option<&IntCounter> {
+        match o {
+            Outcome::Ok => Some(&self.processed[0]),
+            Outcome::Retried(_) => Some(&self.processed[1]),
+            Outcome::DeadLettered => Some(&self.processed[2]),
+            Outcome::Duplicate => Some(&self.processed[3]),
+            Outcome::Skipped => Some(&self.processed[4]),
+            Outcome::Abandoned => None,
+        }
+    }
+}
+
+impl PartitionSummary {
+    fn count(&mut self, o: Outcome) {
+        match o {
+            Outcome::Ok => self.ok += 1,
+            Outcome::Retried(_) => self.retried += 1,
+            Outcome::DeadLettered => self.dead_lettered += 1,
+            Outcome::Duplicate => self.duplicates += 1,
+            Outcome::Skipped => self.skipped += 1,
+            Outcome::Abandoned => self.abandoned += 1,
+        }
+    }
+
+    fn add(&mut self, o: &PartitionSummary) {
+        self.received += o.received;
+        self.ok += o.ok;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.duplicates += o.duplicates;
+        self.skipped += o.skipped;
+        self.abandoned += o.abandoned;
+    }
+}
+
 struct Part {
+    tp: Arc<Tp>,
+    meters: Arc<TopicMeters>,
+    stats: PartitionSummary,
     generation: Epoch,
     fetch_epoch: Epoch,
     level: u32,
     offsets: PartitionOffsets,
     waiting_until: Option<i64>,
+    /// The offset the partition was seeked back to while it waits.
+    waiting_at: Option<i64>,
     revoking: bool,
     paused: bool,
 }
 
 struct LaneJob {
-    tp: Tp,
+    tp: Arc<Tp>,
     generation: Epoch,
     job: Job,
 }
 
 struct Completion {
-    tp: Tp,
+    tp: Arc<Tp>,
     generation: Epoch,
     offset: i64,
     outcome: Outcome,
@@ -102,6 +168,7 @@ struct State {
     pending: VecDeque<(Delivery, Epoch)>,
     revoke: Option<PendingRevoke>,
     summary: Summary,
+    topic_meters: HashMap<String, Arc<TopicMeters>>,
     round_robin: usize,
 }
 
@@ -132,6 +199,7 @@ pub async fn run(
         pending: VecDeque::new(),
         revoke: None,
         summary: Summary::new(),
+        topic_meters: HashMap::new(),
         round_robin: 0,
     };
     let mut commit_tick = tokio::time::interval(cfg.commit_interval);
@@ -292,8 +360,14 @@ impl State {
         let Some(part) = self.parts.get_mut(&tp) else {
             return;
         };
-        if part.fetch_epoch != epoch || part.revoking || part.waiting_until.is_some() {
+        if part.fetch_epoch != epoch || part.revoking {
             return; // fetched before a seek or from an earlier assignment
+        }
+        if let Some(offset) = part.waiting_at {
+            // A delivery after the seek while the partition waits: librdkafka counted it
+            // as consumed, so seek back again or the resume would skip it.
+            part.fetch_epoch = self.control.seek(&tp, offset);
+            return;
         }
         let mut due_at_ms = None;
         let mut skip = false;
@@ -315,6 +389,7 @@ impl State {
                 Some(due) if !skip && due > now => {
                     part.fetch_epoch = self.control.seek(&tp, d.offset);
                     part.waiting_until = Some(due);
+                    part.waiting_at = Some(d.offset);
                     self.pause_dirty = true;
                     return;
                 }
@@ -323,13 +398,10 @@ impl State {
         }
         part.offsets.start(d.offset);
         self.in_flight += 1;
-        self.ctx
-            .metrics
-            .messages_received
-            .with_label_values(&[&d.topic])
-            .inc();
-        self.summary.entry(tp.clone()).or_default().received += 1;
+        part.meters.received.inc();
+        part.stats.received += 1;
         let generation = part.generation;
+        let tp = part.tp.clone();
         if skip {
             tracing::debug!(topic = %d.topic, partition = d.partition, offset = d.offset, "Skipped another consumer group's retry message.");
             self.on_completion(Completion {
@@ -359,26 +431,27 @@ impl State {
 
     fn on_completion(&mut self, c: Completion) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        let s = self.summary.entry(c.tp.clone()).or_default();
-        match c.outcome {
-            Outcome::Ok => s.ok += 1,
-            Outcome::Retried(_) => s.retried += 1,
-            Outcome::DeadLettered => s.dead_lettered += 1,
-            Outcome::Duplicate => s.duplicates += 1,
-            Outcome::Skipped => s.skipped += 1,
-            Outcome::Abandoned => {
-                s.abandoned += 1;
-                return;
+        match self.parts.get_mut(&*c.tp) {
+            Some(part) if part.generation == c.generation => {
+                part.stats.count(c.outcome);
+                if let Some(m) = part.meters.processed(c.outcome) {
+                    m.inc();
+                    part.offsets.finish(c.offset);
+                }
             }
-        }
-        self.ctx
-            .metrics
-            .messages_processed
-            .with_label_values(&[&c.tp.topic, c.outcome.label()])
-            .inc();
-        if let Some(part) = self.parts.get_mut(&c.tp) {
-            if part.generation == c.generation {
-                part.offsets.finish(c.offset);
+            // The partition was revoked meanwhile: count it, nothing to commit.
+            _ => {
+                self.summary
+                    .entry((*c.tp).clone())
+                    .or_default()
+                    .count(c.outcome);
+                if c.outcome != Outcome::Abandoned {
+                    self.ctx
+                        .metrics
+                        .messages_processed
+                        .with_label_values(&[&c.tp.topic, c.outcome.label()])
+                        .inc();
+                }
             }
         }
     }
@@ -394,18 +467,33 @@ impl State {
                         .retry
                         .level_of(&tp.topic, self.ctx.retry_max)
                         .unwrap_or(0);
-                    self.parts.insert(
-                        tp,
+                    let meters = self
+                        .topic_meters
+                        .entry(tp.topic.clone())
+                        .or_insert_with(|| Arc::new(TopicMeters::new(&self.ctx.metrics, &tp.topic)))
+                        .clone();
+                    let replaced = self.parts.insert(
+                        tp.clone(),
                         Part {
+                            tp: Arc::new(tp),
+                            meters,
+                            stats: PartitionSummary::default(),
                             generation: epoch,
                             fetch_epoch: epoch,
                             level,
                             offsets: PartitionOffsets::new(),
                             waiting_until: None,
+                            waiting_at: None,
                             revoking: false,
                             paused: false,
                         },
                     );
+                    if let Some(old) = replaced {
+                        self.summary
+                            .entry((*old.tp).clone())
+                            .or_default()
+                            .add(&old.stats);
+                    }
                 }
                 self.pause_dirty = true;
             }
@@ -452,6 +540,7 @@ impl State {
                 if let Some(o) = p.offsets.commit_point() {
                     offsets.push((tp.clone(), o));
                 }
+                self.summary.entry(tp.clone()).or_default().add(&p.stats);
             }
         }
         let names: Vec<String> = r.partitions.iter().map(Tp::to_string).collect();
@@ -469,6 +558,7 @@ impl State {
         for p in self.parts.values_mut() {
             if p.waiting_until.is_some_and(|d| d <= now) {
                 p.waiting_until = None;
+                p.waiting_at = None;
                 self.pause_dirty = true;
             }
         }
@@ -530,6 +620,12 @@ impl State {
             .filter_map(|(tp, p)| p.offsets.commit_point().map(|o| (tp.clone(), o)))
             .collect();
         self.lanes.clear();
+        for p in self.parts.values() {
+            self.summary
+                .entry((*p.tp).clone())
+                .or_default()
+                .add(&p.stats);
+        }
         let control = self.control.clone();
         let _ = tokio::task::spawn_blocking(move || control.close(offsets)).await;
         self.ctx.metrics.in_flight.set(0);
@@ -549,5 +645,175 @@ impl State {
             tracing::info!(topic = %tp.topic, partition = tp.partition, received = s.received, ok = s.ok, retried = s.retried, dead_lettered = s.dead_lettered, duplicates = s.duplicates, skipped = s.skipped, abandoned = s.abandoned, "Partition summary.");
         }
         self.summary
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RetryConfig;
+    use crate::model::{Headers, HEADER_CONSUMER_GROUP, HEADER_DUE_AT_MS};
+    use crate::observability::Metrics;
+    use crate::service::dedupe::MemoryDedupe;
+    use crate::service::processor::MockProcessor;
+    use crate::service::publish::MockPublisher;
+    use crate::service::source::MockConsumerControl;
+    use parking_lot::Mutex;
+
+    #[derive(Default)]
+    struct Calls {
+        seeks: Vec<(Tp, i64)>,
+        commits: Vec<(Tp, i64)>,
+        pauses: Vec<Tp>,
+    }
+
+    fn control(calls: &Arc<Mutex<Calls>>) -> MockConsumerControl {
+        let mut c = MockConsumerControl::new();
+        let (s, m, p) = (calls.clone(), calls.clone(), calls.clone());
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(100));
+        c.expect_seek().returning(move |tp, o| {
+            s.lock().seeks.push((tp.clone(), o));
+            next.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        });
+        c.expect_commit()
+            .returning(move |o| m.lock().commits.extend(o));
+        c.expect_pause()
+            .returning(move |tp| p.lock().pauses.push(tp.clone()));
+        c.expect_resume().returning(|_| ());
+        let f = calls.clone();
+        c.expect_close()
+            .returning(move |o| f.lock().commits.extend(o));
+        c
+    }
+
+    fn ctx(processor: MockProcessor) -> Arc<WorkerContext> {
+        Arc::new(WorkerContext {
+            processor: Arc::new(processor),
+            publisher: Arc::new(MockPublisher::new()),
+            dedupe: Arc::new(MemoryDedupe::new(Duration::from_secs(60), 100)),
+            retry: RetryConfig {
+                topic_prefix: "ev-retry".into(),
+                backoff: vec![Duration::from_secs(60)],
+                dlq_topic: "ev-dlq".into(),
+            },
+            retry_max: 3,
+            group: "g".into(),
+            metrics: Metrics::new(),
+            abort: CancellationToken::new(),
+            publish_backoff: (Duration::from_millis(1), Duration::from_millis(10)),
+        })
+    }
+
+    fn delivery(topic: &str, offset: i64, headers: Headers) -> Delivery {
+        Delivery {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            key: Some(b"k".to_vec()),
+            payload: Some(b"{}".to_vec()),
+            headers,
+            timestamp_ms: None,
+        }
+    }
+
+    fn cfg() -> PipelineConfig {
+        PipelineConfig {
+            workers: 2,
+            max_in_flight: 10,
+            commit_interval: Duration::from_millis(20),
+            shutdown_timeout: Duration::from_secs(2),
+            max_due_ahead: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_not_yet_due_is_held_and_never_committed_past() {
+        let calls = Arc::new(Mutex::new(Calls::default()));
+        let mut processor = MockProcessor::new();
+        processor.expect_process().returning(|_| Ok(()));
+        let (ev_tx, ev_rx) = mpsc::channel(4);
+        let (d_tx, d_rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(run(
+            cfg(),
+            ctx(processor),
+            Arc::new(control(&calls)),
+            ev_rx,
+            d_rx,
+            shutdown.clone(),
+        ));
+        let tp = Tp::new("ev-retry-1", 0);
+        ev_tx
+            .send(Control::Assigned(vec![(tp.clone(), 1)]))
+            .await
+            .unwrap();
+        let later = (now_ms() + 60_000).to_string().into_bytes();
+        let due_later = vec![
+            (HEADER_DUE_AT_MS.to_string(), Some(later)),
+            (HEADER_CONSUMER_GROUP.to_string(), Some(b"g".to_vec())),
+        ];
+        // Offsets 0..2 are due (no due header); 3 is not due yet.
+        let batch = (0..3)
+            .map(|o| (delivery("ev-retry-1", o, vec![]), 1))
+            .chain([(delivery("ev-retry-1", 3, due_later.clone()), 1)])
+            .collect();
+        d_tx.send(batch).await.unwrap();
+        // The race: a message fetched after the seek (new epoch 100) while it waits.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        d_tx.send(vec![(delivery("ev-retry-1", 4, vec![]), 100)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.cancel();
+        let summary = run.await.unwrap();
+        let c = calls.lock();
+        assert_eq!(
+            c.seeks,
+            vec![(tp.clone(), 3), (tp.clone(), 3)],
+            "seeked back to the waiting offset twice"
+        );
+        assert!(c.pauses.contains(&tp));
+        assert!(
+            c.commits.iter().all(|(_, o)| *o <= 3),
+            "never committed past offset 3: {:?}",
+            c.commits
+        );
+        assert_eq!(c.commits.last(), Some(&(tp.clone(), 3)));
+        assert_eq!(summary[&tp].ok, 3);
+    }
+
+    #[tokio::test]
+    async fn other_groups_retries_are_skipped_and_committed_past() {
+        let calls = Arc::new(Mutex::new(Calls::default()));
+        let mut processor = MockProcessor::new();
+        processor.expect_process().never();
+        let (ev_tx, ev_rx) = mpsc::channel(4);
+        let (d_tx, d_rx) = mpsc::channel(4);
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(run(
+            cfg(),
+            ctx(processor),
+            Arc::new(control(&calls)),
+            ev_rx,
+            d_rx,
+            shutdown.clone(),
+        ));
+        let tp = Tp::new("ev-retry-2", 0);
+        ev_tx
+            .send(Control::Assigned(vec![(tp.clone(), 1)]))
+            .await
+            .unwrap();
+        let foreign = vec![(HEADER_CONSUMER_GROUP.to_string(), Some(b"other".to_vec()))];
+        d_tx.send(vec![
+            (delivery("ev-retry-2", 0, foreign.clone()), 1),
+            (delivery("ev-retry-2", 1, foreign), 1),
+        ])
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        shutdown.cancel();
+        let summary = run.await.unwrap();
+        assert_eq!(summary[&tp].skipped, 2);
+        assert_eq!(calls.lock().commits.last(), Some(&(tp, 2)));
     }
 }

@@ -62,8 +62,9 @@ pub trait ConsumerControl: Send + Sync + 'static {
     fn pause(&self, tp: &Tp);
     /// Resumes fetching `tp`.
     fn resume(&self, tp: &Tp);
-    /// Moves `tp`'s fetch position to `offset`; returns the new epoch that deliveries
-    /// fetched from there will carry.
+    /// Pauses `tp` and moves its fetch position to `offset`, in that order and as one
+    /// request; returns the new epoch that deliveries fetched from there will carry. The
+    /// caller resumes the partition when it wants the messages.
     fn seek(&self, tp: &Tp, offset: i64) -> Epoch;
     /// Commits these offsets (next offset to consume) asynchronously.
     fn commit(&self, offsets: Vec<(Tp, i64)>);

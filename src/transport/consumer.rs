@@ -195,11 +195,12 @@ impl ConsumerControl for KafkaConsumerControl {
 
     fn seek(&self, tp: &Tp, offset: i64) -> Epoch {
         let e = self.shared.new_epoch();
-        self.shared
-            .commands
-            .lock()
-            .seek
-            .insert(tp.clone(), (offset, e));
+        // Pause in the same request: a seek applied before its pause would let the driver
+        // deliver (and librdkafka count as consumed) messages the pipeline drops while the
+        // partition waits, and the resume would then continue after them.
+        let mut commands = self.shared.commands.lock();
+        commands.pause.insert(tp.clone(), true);
+        commands.seek.insert(tp.clone(), (offset, e));
         e
     }
 
