@@ -84,7 +84,25 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    Ok(Config::load(cli.config.as_deref())?)
+    let mut config = Config::load(cli.config.as_deref())?;
+    if matches!(cli.command, Command::Demo(_)) {
+        demo_log_defaults(&mut config);
+    }
+    Ok(config)
+}
+
+/// The demo is watched by a person: unless `LOG_LEVEL`/`LOG_FORMAT` say otherwise, it logs
+/// only warnings (without the per-message retry/DLQ lines its injected failures cause) and
+/// in the readable format on a terminal, so its progress line and summary stay in view.
+pub fn demo_log_defaults(config: &mut Config) {
+    if std::env::var_os("LOG_LEVEL").is_none() {
+        config.log.level = "warn,courier::service::worker=off".into();
+    }
+    if std::env::var_os("LOG_FORMAT").is_none()
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
+        config.log.format = crate::config::LogFormat::Pretty;
+    }
 }
 
 /// Runs the parsed command line. Returns the process exit code.
@@ -132,6 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ProducerOptions {
                     generate,
                     metrics: None,
+                    progress: true,
                 },
                 shutdown,
             )

@@ -165,10 +165,12 @@ pub async fn run_cli(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         std::io::stdout().is_terminal(),
         std::io::stderr().is_terminal(),
     );
-    // The producer's progress line and the logs go to stderr: a line updated in place on
-    // stdout only stays readable when stderr goes elsewhere.
+    // Logs go to stderr (quiet by default in the demo, see `cli::demo_log_defaults`); a line
+    // updated in place on stdout stays readable unless the user asked for chattier logs.
+    let quiet = std::env::var_os("LOG_LEVEL").is_none();
     let progress = match (stdout_tty, stderr_tty) {
         (true, false) => ProgressStyle::Live,
+        (true, true) if quiet => ProgressStyle::Live,
         (true, true) => ProgressStyle::Lines {
             every: Duration::from_secs(2),
             clear_line: true,
@@ -534,6 +536,7 @@ impl Demo {
         let producer_opts = ProducerOptions {
             generate: Some(generate),
             metrics: Some(metrics.clone()),
+            progress: false,
         };
         let producer = producer::start(producer_cfg, producer_opts, producer_stop.clone()).await?;
         guard.disarm();
@@ -585,7 +588,7 @@ impl Demo {
             None => "until Ctrl-C, then drains (a second Ctrl-C stops waiting)".to_owned(),
         };
         let notes: String = notes.iter().map(|n| format!("note: {n}\n")).collect();
-        let tip = if std::io::stderr().is_terminal() {
+        let tip = if std::io::stderr().is_terminal() && std::env::var_os("LOG_LEVEL").is_some() {
             "Tip: logs go to stderr; `courier demo 2>/tmp/courier-demo.log` shows a live progress line.\n"
         } else {
             ""

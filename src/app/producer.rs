@@ -20,6 +20,8 @@ pub struct ProducerOptions {
     pub generate: Option<GeneratorConfig>,
     /// Use these metrics (to share one registry with a consumer in the same process).
     pub metrics: Option<Metrics>,
+    /// Draw the generator's progress line on stderr when it is a terminal.
+    pub progress: bool,
 }
 
 /// A started producer: where it listens, and its handles.
@@ -101,7 +103,10 @@ pub async fn start(
             }
         })
     });
-    if opts.generate.is_some() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if opts.progress
+        && opts.generate.is_some()
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
         spawn_progress(stats.clone(), shutdown.clone());
     }
     tracing::info!(http = %http_addr, ops = %ops_addr, topic = %config.producer.topic, brokers = %config.kafka.brokers, "The producer is running.");
