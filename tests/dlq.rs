@@ -605,7 +605,10 @@ async fn a_replay_passes_dedupe_once_and_its_copy_is_a_duplicate() {
     .await;
     let metrics = running.metrics.clone();
     wait_for("the copy skipped as a duplicate", T, || {
-        metrics.render().contains("outcome=\"duplicate\"")
+        metrics
+            .render()
+            .lines()
+            .any(|l| l.contains("outcome=\"duplicate\"") && l.ends_with(" 1"))
     })
     .await;
     let summary = stop(running, shutdown).await;

@@ -134,6 +134,13 @@ pub fn router(
                 None,
             )
         })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only POST is accepted here",
+                None,
+            )
+        })
         .with_state(state)
 }
 
@@ -363,7 +370,7 @@ fn respond(
             Ok(ack) => out.push(json!({"id": env.id, "topic": topic, "partition": ack.partition, "offset": ack.offset})),
             Err(e) => {
                 tracing::warn!(message_id = %env.id, topic, reason = e.kind.label(), error = %e.message, "An event was not published.");
-                if worst.is_none() || e.kind == PublishFailure::MessageTooLarge {
+                if worst.is_none() || !e.kind.is_transient() {
                     worst = Some(e.kind);
                 }
                 out.push(json!({"id": env.id, "topic": topic, "error": e.message, "reason": e.kind.label()}));
@@ -372,6 +379,12 @@ fn respond(
     }
     match worst {
         None => (StatusCode::OK, Json(json!({"results": out}))).into_response(),
+        Some(PublishFailure::UnknownPartition) => error(
+            StatusCode::BAD_REQUEST,
+            "an event names a partition the topic does not have; see results",
+            Some(Value::Array(out)),
+        )
+        .into_response(),
         Some(PublishFailure::MessageTooLarge) => error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "the broker refused an event as too large; see results",
@@ -518,6 +531,40 @@ mod tests {
                 "JSON error for {body:.60}: {json}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn wrong_method_gets_a_json_405() {
+        let resp = app(never_publishes(), true)
+            .oneshot(Request::get("/v1/events").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(json["error"].is_string());
+    }
+
+    #[tokio::test]
+    async fn a_partition_the_topic_lacks_is_a_400_not_a_503() {
+        let mut p = MockPublisher::new();
+        p.expect_publish().returning(|_| {
+            Err(PublishError {
+                kind: PublishFailure::UnknownPartition,
+                message: "Local: Unknown partition".into(),
+            })
+        });
+        let (status, json) = post(
+            app(p, true),
+            "/v1/events",
+            Some("application/json"),
+            "{\"type\":\"a\",\"partition\":99}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(json["details"][0]["reason"], "unknown_partition");
     }
 
     #[tokio::test]

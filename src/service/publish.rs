@@ -16,8 +16,10 @@ pub enum PublishFailure {
     BrokerDown,
     /// The broker refused the record as too large: retrying will not help.
     MessageTooLarge,
-    /// The topic or partition does not exist.
+    /// The topic does not exist (it may be being created).
     UnknownTopic,
+    /// The record named a partition the topic does not have.
+    UnknownPartition,
     /// Not authorized for the topic.
     Unauthorized,
     /// The producer hit a fatal error and must be recreated.
@@ -35,6 +37,7 @@ impl PublishFailure {
             PublishFailure::BrokerDown => "broker_down",
             PublishFailure::MessageTooLarge => "message_too_large",
             PublishFailure::UnknownTopic => "unknown_topic",
+            PublishFailure::UnknownPartition => "unknown_partition",
             PublishFailure::Unauthorized => "unauthorized",
             PublishFailure::Fatal => "fatal",
             PublishFailure::Other => "other",
@@ -45,7 +48,9 @@ impl PublishFailure {
     pub fn is_transient(self) -> bool {
         !matches!(
             self,
-            PublishFailure::MessageTooLarge | PublishFailure::Unauthorized
+            PublishFailure::MessageTooLarge
+                | PublishFailure::Unauthorized
+                | PublishFailure::UnknownPartition
         )
     }
 }

@@ -14,7 +14,7 @@ use crate::model::{failure_record, now_ms, Delivery, ErrorKind, FailureHop};
 use crate::observability::Metrics;
 use crate::service::dedupe::{Claim, DedupeStore};
 use crate::service::processor::{ProcessError, Processor};
-use crate::service::publish::Publisher;
+use crate::service::publish::{PublishFailure, Publisher};
 
 /// How a message finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +76,13 @@ impl std::fmt::Debug for WorkerContext {
             .field("group", &self.group)
             .finish()
     }
+}
+
+/// How a retry/DLQ publish ended.
+enum Delivered {
+    Acked,
+    Aborted,
+    TooLarge,
 }
 
 /// A message handed to a lane.
@@ -193,16 +200,76 @@ impl WorkerContext {
                 tracing::error!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, dlq_topic = %topic, error_kind = kind.as_str(), error = err.reason(), "Processing failed; the message goes to the dead-letter topic.")
             }
         }
-        if self.publish_until_acked(record).await {
-            outcome
-        } else {
-            Outcome::Abandoned
+        match self.publish_until_acked(record).await {
+            Delivered::Acked => outcome,
+            Delivered::Aborted => Outcome::Abandoned,
+            Delivered::TooLarge => {
+                self.dead_letter_pointer(d, attempt, kind, err.reason())
+                    .await
+            }
         }
     }
 
-    /// Publishes `record`, retrying with back-off until acknowledged. Returns false only if
-    /// shutdown's abort fired first.
-    async fn publish_until_acked(&self, record: crate::model::OutgoingRecord) -> bool {
+    /// The broker refused the record as too large for any topic: dead-letter a pointer to
+    /// the original instead (its key and `message-id`, no payload, the error message naming
+    /// where the original stays), so the partition moves on and nothing vanishes unseen.
+    async fn dead_letter_pointer(
+        &self,
+        d: &Delivery,
+        attempt: u32,
+        kind: ErrorKind,
+        reason: &str,
+    ) -> Outcome {
+        let size = d.payload.as_ref().map_or(0, Vec::len);
+        let message = format!(
+            "payload of {size} bytes too large to forward; the original stays at {}/{}@{} (last error: {reason})",
+            d.topic, d.partition, d.offset
+        );
+        let mut slim = d.clone();
+        slim.payload = None;
+        slim.headers.retain(|(k, _)| {
+            k == crate::model::HEADER_MESSAGE_ID
+                || k.starts_with(crate::model::COURIER_HEADER_PREFIX)
+        });
+        let kind = if kind == ErrorKind::Retryable {
+            ErrorKind::Fatal
+        } else {
+            kind
+        };
+        let mut record = failure_record(
+            &slim,
+            &FailureHop {
+                topic: &self.retry.dlq_topic,
+                attempt,
+                due_at_ms: None,
+                group: &self.group,
+                kind,
+                message: &message,
+                failed_at_ms: now_ms(),
+            },
+        );
+        tracing::error!(message_id = d.message_id().unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, payload_bytes = size, "A failed message is too large to forward; its DLQ entry points to the original.");
+        match self.publish_until_acked(record.clone()).await {
+            Delivered::Acked => Outcome::DeadLettered,
+            Delivered::Aborted => Outcome::Abandoned,
+            Delivered::TooLarge => {
+                // Even the headers are too large: keep only the courier headers.
+                record.key = None;
+                record
+                    .headers
+                    .retain(|(k, _)| k.starts_with(crate::model::COURIER_HEADER_PREFIX));
+                match self.publish_until_acked(record).await {
+                    Delivered::Acked => Outcome::DeadLettered,
+                    _ => Outcome::Abandoned,
+                }
+            }
+        }
+    }
+
+    /// Publishes `record`, retrying with back-off until acknowledged. Gives up only when
+    /// shutdown's abort fires, or when the broker refuses the record as too large (which no
+    /// retry can change).
+    async fn publish_until_acked(&self, record: crate::model::OutgoingRecord) -> Delivered {
         let (first, longest) = self.publish_backoff;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(first)
@@ -213,20 +280,142 @@ impl WorkerContext {
         loop {
             let attempt = tokio::select! {
                 biased;
-                _ = self.abort.cancelled() => return false,
+                _ = self.abort.cancelled() => return Delivered::Aborted,
                 r = self.publisher.publish(record.clone()) => r,
             };
             match attempt {
-                Ok(_) => return true,
+                Ok(_) => return Delivered::Acked,
+                Err(e) if e.kind == PublishFailure::MessageTooLarge => return Delivered::TooLarge,
                 Err(e) => {
                     let wait = backoff.next().unwrap_or(longest);
                     tracing::warn!(topic = %record.topic, error = %e, retry_in_ms = wait.as_millis() as u64, "A retry/DLQ publish failed; it will be retried and holds the commit point.");
                     tokio::select! {
-                        _ = self.abort.cancelled() => return false,
+                        _ = self.abort.cancelled() => return Delivered::Aborted,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Ack, CourierHeaders, HEADER_MESSAGE_ID};
+    use crate::service::dedupe::MemoryDedupe;
+    use crate::service::processor::MockProcessor;
+    use crate::service::publish::{MockPublisher, PublishError};
+    use parking_lot::Mutex;
+
+    fn ctx(processor: MockProcessor, publisher: MockPublisher) -> WorkerContext {
+        WorkerContext {
+            processor: Arc::new(processor),
+            publisher: Arc::new(publisher),
+            dedupe: Arc::new(MemoryDedupe::new(Duration::from_secs(60), 100)),
+            retry: RetryConfig {
+                topic_prefix: "ev-retry".into(),
+                backoff: vec![Duration::from_secs(1)],
+                dlq_topic: "ev-dlq".into(),
+            },
+            retry_max: 2,
+            group: "g".into(),
+            metrics: Metrics::new(),
+            abort: CancellationToken::new(),
+            publish_backoff: (Duration::from_millis(1), Duration::from_millis(5)),
+        }
+    }
+
+    fn job(payload_len: usize) -> Job {
+        Job {
+            delivery: Delivery {
+                topic: "ev".into(),
+                partition: 1,
+                offset: 7,
+                key: Some(b"k".to_vec()),
+                payload: Some(vec![b'x'; payload_len]),
+                headers: vec![
+                    (HEADER_MESSAGE_ID.into(), Some(b"m1".to_vec())),
+                    ("big".into(), Some(vec![0; 1000])),
+                ],
+                timestamp_ms: Some(1),
+            },
+            level: 0,
+            due_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_too_large_to_forward_is_dead_lettered_as_a_pointer() {
+        let mut processor = MockProcessor::new();
+        processor
+            .expect_process()
+            .returning(|_| Err(ProcessError::retryable("down")));
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let seen = sent.clone();
+        let mut publisher = MockPublisher::new();
+        publisher.expect_publish().times(2).returning(move |r| {
+            seen.lock().push(r.clone());
+            if r.payload.is_some() {
+                Err(PublishError {
+                    kind: PublishFailure::MessageTooLarge,
+                    message: "too large".into(),
+                })
+            } else {
+                Ok(Ack {
+                    partition: 0,
+                    offset: 0,
+                })
+            }
+        });
+        let outcome = ctx(processor, publisher).handle(&job(2_000_000)).await;
+        assert_eq!(outcome, Outcome::DeadLettered);
+        let sent = sent.lock();
+        assert_eq!(sent[0].topic, "ev-retry-1", "first the normal hop");
+        let pointer = &sent[1];
+        assert_eq!(pointer.topic, "ev-dlq");
+        assert_eq!(pointer.key.as_deref(), Some(b"k".as_slice()));
+        assert!(
+            !pointer.headers.iter().any(|(k, _)| k == "big"),
+            "user headers dropped"
+        );
+        let h = CourierHeaders::parse(&pointer.headers);
+        assert_eq!(h.error_kind, Some(ErrorKind::Fatal));
+        assert!(h.error_message.unwrap().contains(
+            "payload of 2000000 bytes too large to forward; the original stays at ev/1@7"
+        ));
+        assert_eq!(
+            crate::model::header_value(&pointer.headers, HEADER_MESSAGE_ID),
+            Some(b"m1".as_slice())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transient_publish_failure_is_retried_until_acked() {
+        let mut processor = MockProcessor::new();
+        processor
+            .expect_process()
+            .returning(|_| Err(ProcessError::fatal("bad")));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = calls.clone();
+        let mut publisher = MockPublisher::new();
+        publisher.expect_publish().times(4).returning(move |r| {
+            assert_eq!(r.topic, "ev-dlq");
+            if c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3 {
+                Err(PublishError {
+                    kind: PublishFailure::BrokerDown,
+                    message: "down".into(),
+                })
+            } else {
+                Ok(Ack {
+                    partition: 0,
+                    offset: 0,
+                })
+            }
+        });
+        assert_eq!(
+            ctx(processor, publisher).handle(&job(10)).await,
+            Outcome::DeadLettered
+        );
     }
 }

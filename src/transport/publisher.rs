@@ -118,11 +118,10 @@ pub fn classify(err: &KafkaError) -> PublishFailure {
         Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
             PublishFailure::MessageTooLarge
         }
-        Some(
-            RDKafkaErrorCode::UnknownTopicOrPartition
-            | RDKafkaErrorCode::UnknownTopic
-            | RDKafkaErrorCode::UnknownPartition,
-        ) => PublishFailure::UnknownTopic,
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            PublishFailure::UnknownTopic
+        }
+        Some(RDKafkaErrorCode::UnknownPartition) => PublishFailure::UnknownPartition,
         Some(
             RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::ClusterAuthorizationFailed

@@ -95,10 +95,13 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
     let mut conflicts = Vec::new();
     let mut out = typed.clone();
     // Tuning defaults: courier's choice, but a passthrough may change them without conflict.
-    if role == ClientRole::Consumer {
-        for (name, value) in CONSUMER_TUNING {
-            out.insert((*name).to_owned(), (*value).to_owned());
-        }
+    let tuning = match role {
+        ClientRole::Consumer => CONSUMER_TUNING,
+        ClientRole::Producer => PRODUCER_TUNING,
+        ClientRole::Admin => &[],
+    };
+    for (name, value) in tuning {
+        out.insert((*name).to_owned(), (*value).to_owned());
     }
     for (name, value) in &k.passthrough {
         match typed.get(name) {
@@ -132,6 +135,13 @@ pub const CONSUMER_TUNING: &[(&str, &str)] = &[
     ("statistics.interval.ms", "5000"),
     ("queued.max.messages.kbytes", "16384"),
 ];
+
+/// Producer tuning defaults that `RDKAFKA_*` may override:
+/// - `message.max.bytes`: librdkafka's default (1,000,000) is below the 1 MiB records other
+///   clients write by default, which courier must be able to forward to a retry topic or the
+///   DLQ; the broker's own limit still applies (and a record it refuses is dead-lettered as
+///   a pointer to the original).
+pub const PRODUCER_TUNING: &[(&str, &str)] = &[("message.max.bytes", "10485760")];
 
 /// Whether a passthrough property belongs to `role`. Producer-only and consumer-only
 /// properties are dropped for the other role, since librdkafka warns about them.

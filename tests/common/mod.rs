@@ -163,6 +163,7 @@ impl TestKafka {
             .set("bootstrap.servers", self.bootstrap())
             .set("group.id", format!("reader-{}", rand_id()))
             .set("enable.auto.commit", "false")
+            .set("fetch.message.max.bytes", "10485760")
             .create()
             .expect("reader");
         let mut tpl = TopicPartitionList::new();
