@@ -105,6 +105,11 @@ impl ConsumerContext for DriverContext {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
+        if consumer.assignment_lost() {
+            // The group moved on without us (e.g. after a broker outage): not consuming
+            // until the next assignment.
+            self.readiness.set_group_joined(false);
+        }
         let partitions = tps_of(tpl);
         if !self.shared.closing.load(Ordering::SeqCst) {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -156,7 +161,10 @@ impl ConsumerContext for DriverContext {
                 let _ = self.events.blocking_send(Control::Assigned(list));
             }
             Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "Rebalance error."),
+            Rebalance::Error(e) => {
+                self.readiness.set_group_joined(false);
+                tracing::warn!(error = %e, "Rebalance error; not ready until the next assignment.");
+            }
         }
     }
 
