@@ -274,9 +274,17 @@ async fn broker_outage_of_10s_mid_stream_loses_nothing() {
     let ready_after = wait_ready(&s, 200, Duration::from_secs(40)).await;
     let resumed = eventually(Duration::from_secs(40), || p.calls() > processed_at_up).await;
     let resumed_after = up_at.elapsed();
-    // Keep the stream going a little after recovery.
+    // Keep the stream going after recovery until the producer accepts again (its own
+    // connection may still be in librdkafka's reconnect back-off), then a little longer.
     let recovered_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let accepting = eventually(Duration::from_secs(20), || {
+        answers
+            .lock()
+            .iter()
+            .any(|a| a.status == 200 && a.at >= recovered_at)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     stop_load.cancel();
     for l in load {
         l.await.unwrap();
@@ -384,7 +392,7 @@ async fn broker_outage_of_10s_mid_stream_loses_nothing() {
     );
     assert!(resumed, "the consumer resumed after the outage");
     assert!(
-        ok_after_recovery > 0,
+        accepting && ok_after_recovery > 0,
         "the producer accepts again after recovery"
     );
     assert!(

@@ -130,10 +130,12 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
 ///   round, so this bounds how late a retry runs (librdkafka's default is 500 ms).
 /// - `statistics.interval.ms`: how often `courier_consumer_lag` is refreshed.
 /// - `queued.max.messages.kbytes`: what librdkafka buffers ahead of the pipeline.
+/// - `reconnect.backoff.max.ms`: back within about 2 s of a broker's return.
 pub const CONSUMER_TUNING: &[(&str, &str)] = &[
     ("fetch.wait.max.ms", "100"),
     ("statistics.interval.ms", "5000"),
     ("queued.max.messages.kbytes", "16384"),
+    ("reconnect.backoff.max.ms", "2000"),
 ];
 
 /// Producer tuning defaults that `RDKAFKA_*` may override:
@@ -141,7 +143,12 @@ pub const CONSUMER_TUNING: &[(&str, &str)] = &[
 ///   clients write by default, which courier must be able to forward to a retry topic or the
 ///   DLQ; the broker's own limit still applies (and a record it refuses is dead-lettered as
 ///   a pointer to the original).
-pub const PRODUCER_TUNING: &[(&str, &str)] = &[("message.max.bytes", "10485760")];
+/// - `reconnect.backoff.max.ms`: how long a client waits at most between reconnects, so it
+///   is back within about 2 s of a broker's return (librdkafka's default is 10 s).
+pub const PRODUCER_TUNING: &[(&str, &str)] = &[
+    ("message.max.bytes", "10485760"),
+    ("reconnect.backoff.max.ms", "2000"),
+];
 
 /// Whether a passthrough property belongs to `role`. Producer-only and consumer-only
 /// properties are dropped for the other role, since librdkafka warns about them.
