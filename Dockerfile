@@ -29,11 +29,17 @@ WORKDIR /build
 # 1. Dependencies only, cached in their own layer: this layer is rebuilt only when
 #    Cargo.toml or Cargo.lock change, not when the sources do.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Cargo.toml names bench targets explicitly, and cargo wants their files to exist even when
+# it does not build them: stub them too, by name, so this layer still depends only on the
+# manifest and the lock file.
+RUN mkdir src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
+ && sed -n '/^\[\[bench\]\]/{n;s/^name = "\(.*\)"/\1/p;}' Cargo.toml \
+    | while read -r bench; do echo 'fn main() {}' > "benches/$bench.rs"; done \
  && cargo build --release --locked --features ssl \
- && rm -rf src \
+ && rm -rf src benches \
            target/release/courier* \
            target/release/deps/courier-* \
            target/release/deps/libcourier-* \
@@ -42,8 +48,10 @@ RUN mkdir src \
 # 2. The real sources. The dummy crate's fingerprints were removed above, so cargo
 #    rebuilds courier itself whatever the copied files' timestamps are.
 COPY src ./src
+COPY benches ./benches
 RUN cargo build --release --locked --features ssl \
- && install -D -m 0755 target/release/courier /out/courier
+ && install -D -m 0755 target/release/courier /out/courier \
+ && strip --strip-debug /out/courier
 
 # ---------------------------------------------------------------------------------------
 # Runtime

@@ -20,7 +20,9 @@ use crate::service::source::{ConsumerControl, Control, DeliveryBatch, Epoch, Tp}
 use crate::service::worker::{Job, Outcome, WorkerContext};
 
 /// How long the in-flight bound must stay reached before the assigned partitions are paused.
-pub const BACKPRESSURE_GRACE: Duration = Duration::from_millis(500);
+/// Long enough that a processor-bound pipeline, saturated all the time, rarely pays for the
+/// prefetch a pause throws away; short enough that the driver keeps polling.
+pub const BACKPRESSURE_GRACE: Duration = Duration::from_secs(2);
 
 /// Pipeline sizing and deadlines.
 #[derive(Debug, Clone)]

@@ -130,11 +130,14 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
 ///   round, so this bounds how late a retry runs (librdkafka's default is 500 ms).
 /// - `statistics.interval.ms`: how often `courier_consumer_lag` is refreshed.
 /// - `queued.max.messages.kbytes`: what librdkafka buffers ahead of the pipeline.
+/// - `fetch.queue.backoff.ms`: when that buffer is full, librdkafka waits this long before
+///   fetching again; its default (1 s) left the pipeline idle most of the time.
 /// - `reconnect.backoff.max.ms`: back within about 2 s of a broker's return.
 pub const CONSUMER_TUNING: &[(&str, &str)] = &[
     ("fetch.wait.max.ms", "100"),
     ("statistics.interval.ms", "5000"),
     ("queued.max.messages.kbytes", "16384"),
+    ("fetch.queue.backoff.ms", "10"),
     ("reconnect.backoff.max.ms", "2000"),
 ];
 
