@@ -148,6 +148,11 @@ vars![
         "messages in flight at most; fetching pauses above it"
     ),
     (
+        "KAFKA_CONSUMER_PAUSE_AFTER_MS",
+        "kafka.consumer.pause_after_ms",
+        "how long the in-flight bound must hold before fetching pauses"
+    ),
+    (
         "KAFKA_CONSUMER_RETRY_MAX",
         "kafka.consumer.retry_max",
         "retry levels before the DLQ"
@@ -425,6 +430,7 @@ pub struct RawConsumer {
     pub group_id: Text,
     pub workers: i64,
     pub max_in_flight: i64,
+    pub pause_after_ms: i64,
     pub retry_max: i64,
     pub commit_interval_ms: i64,
     pub shutdown_timeout_ms: i64,
@@ -540,6 +546,7 @@ impl Default for RawConsumer {
             group_id: t("courier"),
             workers: 8,
             max_in_flight: 1000,
+            pause_after_ms: 10_000,
             retry_max: 3,
             commit_interval_ms: 1000,
             shutdown_timeout_ms: 30_000,
@@ -759,6 +766,8 @@ pub struct ConsumerConfig {
     pub workers: usize,
     /// `KAFKA_CONSUMER_MAX_IN_FLIGHT`.
     pub max_in_flight: usize,
+    /// `KAFKA_CONSUMER_PAUSE_AFTER_MS`.
+    pub pause_after: Duration,
     /// `KAFKA_CONSUMER_RETRY_MAX`.
     pub retry_max: u32,
     /// `KAFKA_CONSUMER_COMMIT_INTERVAL_MS`.
@@ -1296,6 +1305,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             1,
             1_000_000,
         ) as usize,
+        pause_after: c.ms(
+            "kafka.consumer.pause_after_ms",
+            cs.pause_after_ms,
+            0,
+            3_600_000,
+        ),
         retry_max: c.range("kafka.consumer.retry_max", cs.retry_max, 0, 100) as u32,
         commit_interval: c.ms(
             "kafka.consumer.commit_interval_ms",

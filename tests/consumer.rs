@@ -351,13 +351,14 @@ async fn rejected_retry_publish_is_retried_then_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_bounds_in_flight() {
     let k = TestKafka::new(3);
-    k.produce_events("b", 1500, 1500).await;
+    k.produce_events("b", 500, 500).await;
     let p = ScriptedProcessor::with_sleep(Duration::from_millis(20));
     let (running, shutdown) = consumer(
         &k,
         &p,
         &[
             ("KAFKA_CONSUMER_MAX_IN_FLIGHT", "10"),
+            ("KAFKA_CONSUMER_PAUSE_AFTER_MS", "200"),
             ("KAFKA_CONSUMER_WORKERS", "64"),
         ],
     )
@@ -365,7 +366,7 @@ async fn backpressure_bounds_in_flight() {
     let metrics = running.metrics.clone();
     let mut max_seen = 0;
     let mut paused_seen = false;
-    while p.calls() < 1500 {
+    while p.calls() < 500 {
         max_seen = max_seen.max(metrics.in_flight.get());
         paused_seen |= metrics.paused_partitions.get() > 0;
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -377,7 +378,7 @@ async fn backpressure_bounds_in_flight() {
         paused_seen,
         "fetching paused after the bound held for the grace period"
     );
-    assert_eq!(p.ok_ids().len(), 1500);
+    assert_eq!(p.ok_ids().len(), 500);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

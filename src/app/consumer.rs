@@ -95,6 +95,7 @@ pub async fn start(
         max_in_flight: config.consumer.max_in_flight,
         commit_interval: config.consumer.commit_interval,
         shutdown_timeout: config.consumer.shutdown_timeout,
+        pause_after: config.consumer.pause_after,
         max_due_ahead: longest_delay.max(Duration::from_secs(3600)) + Duration::from_secs(60),
     };
     let driver = consumer::start(&config, metrics.clone(), readiness.clone())?;

@@ -19,11 +19,6 @@ use crate::service::offsets::PartitionOffsets;
 use crate::service::source::{ConsumerControl, Control, DeliveryBatch, Epoch, Tp};
 use crate::service::worker::{Job, Outcome, WorkerContext};
 
-/// How long the in-flight bound must stay reached before the assigned partitions are paused.
-/// Long enough that a processor-bound pipeline, saturated all the time, rarely pays for the
-/// prefetch a pause throws away; short enough that the driver keeps polling.
-pub const BACKPRESSURE_GRACE: Duration = Duration::from_secs(2);
-
 /// Pipeline sizing and deadlines.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -35,6 +30,9 @@ pub struct PipelineConfig {
     pub commit_interval: Duration,
     /// How long shutdown and revoke wait for in-flight messages.
     pub shutdown_timeout: Duration,
+    /// How long the in-flight bound must hold before the assigned partitions are paused
+    /// (`KAFKA_CONSUMER_PAUSE_AFTER_MS`). The bound itself never depends on it.
+    pub pause_after: Duration,
     /// A due time further ahead than this is treated as malformed (due now), so a bogus
     /// header cannot stall a partition.
     pub max_due_ahead: Duration,
@@ -335,7 +333,7 @@ impl State {
         let now = Instant::now();
         if self.in_flight >= self.cfg.max_in_flight {
             let since = *self.saturated_since.get_or_insert(now);
-            if !self.backpressure && now.duration_since(since) >= BACKPRESSURE_GRACE {
+            if !self.backpressure && now.duration_since(since) >= self.cfg.pause_after {
                 self.backpressure = true;
                 self.pause_dirty = true;
             }
@@ -352,7 +350,7 @@ impl State {
     /// When a sustained saturation should turn into paused partitions, if it may.
     fn backpressure_deadline(&self) -> Option<Instant> {
         match (self.backpressure, self.saturated_since) {
-            (false, Some(since)) => Some(since + BACKPRESSURE_GRACE),
+            (false, Some(since)) => Some(since + self.cfg.pause_after),
             _ => None,
         }
     }
@@ -724,6 +722,7 @@ mod tests {
             max_in_flight: 10,
             commit_interval: Duration::from_millis(20),
             shutdown_timeout: Duration::from_secs(2),
+            pause_after: Duration::from_millis(100),
             max_due_ahead: Duration::from_secs(3600),
         }
     }
