@@ -286,7 +286,8 @@ pub fn start(
     })
 }
 
-fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
+/// An owned [`Delivery`] from a Kafka message: key, payload and headers byte for byte.
+pub(crate) fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
     let headers = m
         .headers()
         .map(|h| {

@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::model::Delivery;
 use crate::service::dlq::{ProgressStore, ReadEvent};
+use crate::transport::consumer::to_delivery;
 use crate::transport::settings::{client_config, ClientRole};
 
 /// Metadata, watermark and committed-offset requests wait at most this long.
@@ -291,26 +291,6 @@ fn finish(consumer: &BaseConsumer, topic: &str, open: &mut Vec<PartitionRange>, 
     tpl.add_partition(topic, r.partition);
     if let Err(e) = consumer.pause(&tpl) {
         tracing::debug!(topic, partition = r.partition, error = %e, "Pausing a finished DLQ partition failed; later messages are ignored anyway.");
-    }
-}
-
-fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
-        .unwrap_or_default();
-    Delivery {
-        topic: m.topic().to_owned(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec),
-        headers,
-        timestamp_ms: m.timestamp().to_millis(),
     }
 }
 
