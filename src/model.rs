@@ -37,8 +37,78 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
 /// A courier header value longer than this is treated as malformed (absent).
 pub const MAX_COURIER_HEADER_BYTES: usize = 1024;
 
+/// A header name as it came from the broker: the Kafka protocol allows any bytes, so it is
+/// kept byte for byte (a name that is not UTF-8 is forwarded unchanged, never a crash).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct HeaderKey(Vec<u8>);
+
+impl HeaderKey {
+    /// The name's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The name as text, if it is UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
+    }
+
+    /// Whether the name starts with `prefix`.
+    pub fn starts_with(&self, prefix: &str) -> bool {
+        self.0.starts_with(prefix.as_bytes())
+    }
+}
+
+impl fmt::Debug for HeaderKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl fmt::Display for HeaderKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl From<&str> for HeaderKey {
+    fn from(s: &str) -> Self {
+        HeaderKey(s.as_bytes().to_vec())
+    }
+}
+
+impl From<String> for HeaderKey {
+    fn from(s: String) -> Self {
+        HeaderKey(s.into_bytes())
+    }
+}
+
+impl From<&[u8]> for HeaderKey {
+    fn from(b: &[u8]) -> Self {
+        HeaderKey(b.to_vec())
+    }
+}
+
+impl From<Vec<u8>> for HeaderKey {
+    fn from(b: Vec<u8>) -> Self {
+        HeaderKey(b)
+    }
+}
+
+impl PartialEq<str> for HeaderKey {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for HeaderKey {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == other.as_bytes()
+    }
+}
+
 /// Kafka message headers in their original order. A value may be null (`None`).
-pub type Headers = Vec<(String, Option<Vec<u8>>)>;
+pub type Headers = Vec<(HeaderKey, Option<Vec<u8>>)>;
 
 /// One Kafka message, owned, as the service layer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,7 +339,7 @@ pub fn failure_record(delivery: &Delivery, hop: &FailureHop<'_>) -> OutgoingReco
         .filter(|(k, _)| !k.starts_with(COURIER_HEADER_PREFIX))
         .cloned()
         .collect();
-    let mut put = |k: &str, v: String| headers.push((k.to_owned(), Some(v.into_bytes())));
+    let mut put = |k: &str, v: String| headers.push((k.into(), Some(v.into_bytes())));
     put(HEADER_ATTEMPT, hop.attempt.to_string());
     if let Some(due) = hop.due_at_ms {
         put(HEADER_DUE_AT_MS, due.to_string());
@@ -465,10 +535,7 @@ impl Envelope {
             key: Some(self.key.clone().into_bytes()),
             // Serializing a Map of Values cannot fail.
             payload: Some(serde_json::to_vec(&self.body).unwrap_or_default()),
-            headers: vec![(
-                HEADER_MESSAGE_ID.to_owned(),
-                Some(self.id.clone().into_bytes()),
-            )],
+            headers: vec![(HEADER_MESSAGE_ID.into(), Some(self.id.clone().into_bytes()))],
         }
     }
 }
@@ -494,8 +561,8 @@ mod tests {
         }
     }
 
-    fn h(k: &str, v: &str) -> (String, Option<Vec<u8>>) {
-        (k.to_owned(), Some(v.as_bytes().to_vec()))
+    fn h(k: &str, v: &str) -> (HeaderKey, Option<Vec<u8>>) {
+        (k.into(), Some(v.as_bytes().to_vec()))
     }
 
     #[test]

@@ -149,7 +149,7 @@ async fn always_failing_reaches_dlq_after_last_level_and_fatal_at_once() {
     let payload = b"\x00not json at all\xff".to_vec();
     let headers = |id: &str| {
         vec![
-            ("message-id".to_string(), Some(id.as_bytes().to_vec())),
+            ("message-id".into(), Some(id.as_bytes().to_vec())),
             ("user-h".into(), Some(vec![1, 2, 3])),
             ("null-h".into(), None),
         ]

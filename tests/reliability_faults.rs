@@ -763,7 +763,7 @@ async fn retry_chain_under_cpu_contention_loses_nothing() {
                     serde_json::json!({"id": id, "type": "t"})
                         .to_string()
                         .into_bytes(),
-                    vec![("message-id".to_string(), Some(id.clone().into_bytes()))],
+                    vec![("message-id".into(), Some(id.clone().into_bytes()))],
                 )
             })
             .collect();

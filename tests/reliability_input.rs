@@ -21,14 +21,13 @@ use common::{http_get, TestKafka};
 use courier::app::consumer::{self, ConsumerOptions};
 use courier::app::producer::{self, ProducerOptions};
 use courier::config::parse_duration;
-use courier::model::{CourierHeaders, Delivery, Envelope, Headers};
+use courier::model::{CourierHeaders, Delivery, Envelope, HeaderKey, Headers};
 use courier::service::builtin::LogProcessor;
 use courier::service::{ProcessError, Processor};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
@@ -572,8 +571,8 @@ impl Processor for Recording {
 
 type Msg = (String, Option<Vec<u8>>, Option<Vec<u8>>, Headers);
 
-fn h(k: &str, v: &[u8]) -> (String, Option<Vec<u8>>) {
-    (k.to_owned(), Some(v.to_vec()))
+fn h(k: &str, v: &[u8]) -> (HeaderKey, Option<Vec<u8>>) {
+    (k.into(), Some(v.to_vec()))
 }
 
 /// Garbage for the consumer: (topic, key, payload, headers). Every message carries a
@@ -731,7 +730,15 @@ fn consumer_cases(k: &TestKafka, rng: &mut StdRng, random: usize) -> Vec<Msg> {
             } else {
                 Some(bytes(rng, 64))
             };
-            hs.push((name.to_owned(), value));
+            // Header names may hold any bytes (Kafka allows it): some are not UTF-8.
+            let name = if rng.random_bool(0.15) {
+                let mut n = b"x-\xff".to_vec();
+                n.extend(bytes(rng, 8).into_iter().filter(|b| *b != 0));
+                HeaderKey::from(n)
+            } else {
+                HeaderKey::from(name)
+            };
+            hs.push((name, value));
         }
         push(topic, key, payload, hs);
     }
@@ -750,13 +757,7 @@ async fn produce_raw(bootstrap: &str, msgs: &[Msg]) {
     let futs = msgs.iter().map(|(topic, key, payload, headers)| {
         let p = p.clone();
         async move {
-            let mut hs = OwnedHeaders::new();
-            for (k, v) in headers {
-                hs = hs.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                });
-            }
+            let hs = courier::transport::headers::write(headers);
             let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(hs);
             if let Some(k) = key {
                 r = r.key(k.as_slice());
@@ -1106,6 +1107,7 @@ proptest! {
             0..12,
         )
     ) {
+        let headers: Headers = headers.into_iter().map(|(k, v)| (HeaderKey::from(k), v)).collect();
         let parsed = CourierHeaders::parse(&headers);
         let first = |name: &str| headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.clone());
         let expect = |name: &str| -> Option<i64> {

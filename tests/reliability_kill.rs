@@ -32,7 +32,7 @@ use courier::model::Delivery;
 use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -392,11 +392,7 @@ fn read_topic(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<Delivery> 
                 payload: m.payload().map(<[u8]>::to_vec),
                 headers: m
                     .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
+                    .map(courier::transport::headers::read)
                     .unwrap_or_default(),
                 timestamp_ms: m.timestamp().to_millis(),
             });
@@ -507,7 +503,7 @@ async fn post_mortem(
                         .iter()
                         .map(|(k, v)| {
                             (
-                                k.clone(),
+                                k.to_string(),
                                 v.as_deref()
                                     .map(|v| String::from_utf8_lossy(v).into_owned())
                                     .unwrap_or_default(),

@@ -371,7 +371,7 @@ mod tests {
             payload: payload.map(<[u8]>::to_vec),
             headers: headers
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.map(<[u8]>::to_vec)))
+                .map(|(k, v)| ((*k).into(), v.map(<[u8]>::to_vec)))
                 .collect(),
             timestamp_ms: Some(1_700_000_000_000),
         }

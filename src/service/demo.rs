@@ -541,9 +541,9 @@ mod tests {
     };
 
     fn delivery(id: &str, attempt: Option<u32>) -> Delivery {
-        let mut headers = vec![(HEADER_MESSAGE_ID.to_owned(), Some(id.as_bytes().to_vec()))];
+        let mut headers = vec![(HEADER_MESSAGE_ID.into(), Some(id.as_bytes().to_vec()))];
         if let Some(a) = attempt {
-            headers.push((HEADER_ATTEMPT.to_owned(), Some(a.to_string().into_bytes())));
+            headers.push((HEADER_ATTEMPT.into(), Some(a.to_string().into_bytes())));
         }
         Delivery {
             topic: "events".into(),

@@ -388,7 +388,7 @@ pub fn replay_record(d: &Delivery, now_ms: i64) -> Result<OutgoingRecord, Unrepl
         .cloned()
         .collect();
     headers.push((
-        HEADER_REPLAYED_AT_MS.to_owned(),
+        HEADER_REPLAYED_AT_MS.into(),
         Some(now_ms.to_string().into_bytes()),
     ));
     Ok(OutgoingRecord {

@@ -750,8 +750,8 @@ mod tests {
             .unwrap();
         let later = (now_ms() + 60_000).to_string().into_bytes();
         let due_later = vec![
-            (HEADER_DUE_AT_MS.to_string(), Some(later)),
-            (HEADER_CONSUMER_GROUP.to_string(), Some(b"g".to_vec())),
+            (HEADER_DUE_AT_MS.into(), Some(later)),
+            (HEADER_CONSUMER_GROUP.into(), Some(b"g".to_vec())),
         ];
         // Offsets 0..2 are due (no due header); 3 is not due yet.
         let batch = (0..3)
@@ -804,7 +804,7 @@ mod tests {
             .send(Control::Assigned(vec![(tp.clone(), 1)]))
             .await
             .unwrap();
-        let foreign = vec![(HEADER_CONSUMER_GROUP.to_string(), Some(b"other".to_vec()))];
+        let foreign = vec![(HEADER_CONSUMER_GROUP.into(), Some(b"other".to_vec()))];
         d_tx.send(vec![
             (delivery("ev-retry-2", 0, foreign.clone()), 1),
             (delivery("ev-retry-2", 1, foreign), 1),

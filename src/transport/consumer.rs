@@ -14,7 +14,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -287,14 +287,10 @@ pub fn start(
 }
 
 /// An owned [`Delivery`] from a Kafka message: key, payload and headers byte for byte.
-pub(crate) fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
+pub fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
     let headers = m
         .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
+        .map(crate::transport::headers::read)
         .unwrap_or_default();
     Delivery {
         topic: m.topic().to_owned(),

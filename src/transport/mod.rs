@@ -7,6 +7,7 @@ pub mod context;
 
 pub mod dev_broker;
 pub mod dlq;
+pub mod headers;
 pub mod health;
 pub mod publisher;
 pub mod settings;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 
@@ -132,23 +131,12 @@ pub fn classify(err: &KafkaError) -> PublishFailure {
     }
 }
 
-fn to_headers(record: &OutgoingRecord) -> OwnedHeaders {
-    let mut h = OwnedHeaders::new_with_capacity(record.headers.len());
-    for (key, value) in &record.headers {
-        h = h.insert(Header {
-            key,
-            value: value.as_deref(),
-        });
-    }
-    h
-}
-
 #[async_trait]
 impl Publisher for KafkaPublisher {
     async fn publish(&self, record: OutgoingRecord) -> Result<Ack, PublishError> {
         let producer = self.current();
         let mut fr: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&record.topic).headers(to_headers(&record));
+            FutureRecord::to(&record.topic).headers(crate::transport::headers::write(&record.headers));
         if let Some(k) = &record.key {
             fr = fr.key(k.as_slice());
         }

@@ -13,7 +13,7 @@ use courier::service::{ProcessError, Processor};
 use courier::transport::DevBroker;
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -116,13 +116,7 @@ impl TestKafka {
             let p = p.clone();
             let topic = topic.to_owned();
             async move {
-                let mut h = OwnedHeaders::new();
-                for (k, v) in &headers {
-                    h = h.insert(Header {
-                        key: k,
-                        value: v.as_deref(),
-                    });
-                }
+                let h = courier::transport::headers::write(&headers);
                 let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
                     .payload(payload.as_slice())
                     .headers(h);
@@ -148,7 +142,7 @@ impl TestKafka {
                 (
                     Some(format!("key-{}", i % keys.max(1)).into_bytes()),
                     payload,
-                    vec![("message-id".to_string(), Some(id.clone().into_bytes()))],
+                    vec![("message-id".into(), Some(id.clone().into_bytes()))],
                 )
             })
             .collect();
@@ -187,11 +181,7 @@ impl TestKafka {
                         payload: m.payload().map(<[u8]>::to_vec),
                         headers: m
                             .headers()
-                            .map(|h| {
-                                h.iter()
-                                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                                    .collect()
-                            })
+                            .map(courier::transport::headers::read)
                             .unwrap_or_default(),
                         timestamp_ms: m.timestamp().to_millis(),
                     });
