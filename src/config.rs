@@ -148,6 +148,16 @@ vars![
         "messages in flight at most; fetching pauses above it"
     ),
     (
+        "KAFKA_CONSUMER_MAX_IN_FLIGHT_BYTES",
+        "kafka.consumer.max_in_flight_bytes",
+        "bytes (key, payload, headers) in flight at most; fetching pauses above it; one larger message is still taken alone"
+    ),
+    (
+        "KAFKA_CONSUMER_ASSIGNMENT_STRATEGY",
+        "kafka.consumer.assignment_strategy",
+        "cooperative-sticky (only partitions that change owner move), range or roundrobin"
+    ),
+    (
         "KAFKA_CONSUMER_PAUSE_AFTER_MS",
         "kafka.consumer.pause_after_ms",
         "how long the in-flight bound must hold before fetching pauses"
@@ -430,6 +440,8 @@ pub struct RawConsumer {
     pub group_id: Text,
     pub workers: i64,
     pub max_in_flight: i64,
+    pub max_in_flight_bytes: i64,
+    pub assignment_strategy: Text,
     pub pause_after_ms: i64,
     pub retry_max: i64,
     pub commit_interval_ms: i64,
@@ -546,6 +558,8 @@ impl Default for RawConsumer {
             group_id: t("courier"),
             workers: 8,
             max_in_flight: 1000,
+            max_in_flight_bytes: 67_108_864,
+            assignment_strategy: t("cooperative-sticky"),
             pause_after_ms: 10_000,
             retry_max: 3,
             commit_interval_ms: 1000,
@@ -663,6 +677,26 @@ impl Compression {
     }
 }
 
+/// `KAFKA_CONSUMER_ASSIGNMENT_STRATEGY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum AssignmentStrategy {
+    CooperativeSticky,
+    Range,
+    RoundRobin,
+}
+
+impl AssignmentStrategy {
+    /// librdkafka's `partition.assignment.strategy` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssignmentStrategy::CooperativeSticky => "cooperative-sticky",
+            AssignmentStrategy::Range => "range",
+            AssignmentStrategy::RoundRobin => "roundrobin",
+        }
+    }
+}
+
 /// `KAFKA_SECURITY_PROTOCOL`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -766,6 +800,10 @@ pub struct ConsumerConfig {
     pub workers: usize,
     /// `KAFKA_CONSUMER_MAX_IN_FLIGHT`.
     pub max_in_flight: usize,
+    /// `KAFKA_CONSUMER_MAX_IN_FLIGHT_BYTES`.
+    pub max_in_flight_bytes: usize,
+    /// `KAFKA_CONSUMER_ASSIGNMENT_STRATEGY`.
+    pub assignment_strategy: AssignmentStrategy,
     /// `KAFKA_CONSUMER_PAUSE_AFTER_MS`.
     pub pause_after: Duration,
     /// `KAFKA_CONSUMER_RETRY_MAX`.
@@ -1305,6 +1343,31 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             1,
             1_000_000,
         ) as usize,
+        max_in_flight_bytes: c.range(
+            "kafka.consumer.max_in_flight_bytes",
+            cs.max_in_flight_bytes,
+            1,
+            i64::MAX,
+        ) as usize,
+        assignment_strategy: match cs
+            .assignment_strategy
+            .0
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "cooperative-sticky" => AssignmentStrategy::CooperativeSticky,
+            "range" => AssignmentStrategy::Range,
+            "roundrobin" => AssignmentStrategy::RoundRobin,
+            other => {
+                c.fail(
+                    "kafka.consumer.assignment_strategy",
+                    other,
+                    "cooperative-sticky, range or roundrobin",
+                );
+                AssignmentStrategy::CooperativeSticky
+            }
+        },
         pause_after: c.ms(
             "kafka.consumer.pause_after_ms",
             cs.pause_after_ms,

@@ -146,6 +146,17 @@ impl Delivery {
     pub fn courier_headers(&self) -> CourierHeaders {
         CourierHeaders::parse(&self.headers)
     }
+
+    /// What the message holds in memory, roughly: key, payload, header names and values.
+    /// The in-flight byte bound (`KAFKA_CONSUMER_MAX_IN_FLIGHT_BYTES`) counts this.
+    pub fn size_bytes(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_bytes().len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + headers
+    }
 }
 
 /// The first value of header `name` in `headers`, if present and non-null.

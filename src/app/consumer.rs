@@ -72,6 +72,17 @@ pub async fn start(
     .await?;
     let dedupe: Arc<dyn DedupeStore> =
         Arc::new(MemoryDedupe::new(config.dedupe.ttl, config.dedupe.capacity));
+    // The longest delay a retry may get (a processor's `retry_after` is clamped to it), and
+    // the horizon beyond which a due time is treated as malformed: a margin above it, so a
+    // retry written by any member of the group is never treated as due early.
+    let longest_delay = config
+        .retry
+        .backoff
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    let max_retry_delay = longest_delay.max(Duration::from_secs(3600));
     let ctx = Arc::new(WorkerContext {
         processor,
         publisher: publisher.clone(),
@@ -82,21 +93,17 @@ pub async fn start(
         metrics: metrics.clone(),
         abort: CancellationToken::new(),
         publish_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+        max_retry_delay,
+        holds: readiness.clone(),
     });
-    let longest_delay = config
-        .retry
-        .backoff
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or_default();
     let cfg = PipelineConfig {
         workers: config.consumer.workers,
         max_in_flight: config.consumer.max_in_flight,
+        max_in_flight_bytes: config.consumer.max_in_flight_bytes,
         commit_interval: config.consumer.commit_interval,
         shutdown_timeout: config.consumer.shutdown_timeout,
         pause_after: config.consumer.pause_after,
-        max_due_ahead: longest_delay.max(Duration::from_secs(3600)) + Duration::from_secs(60),
+        max_due_ahead: max_retry_delay + Duration::from_secs(60),
     };
     let driver = consumer::start(&config, metrics.clone(), readiness.clone())?;
     tracing::info!(ops = %ops_addr, group = %config.consumer.group_id, topics = ?config.consumer.topics, workers = cfg.workers, max_in_flight = cfg.max_in_flight, brokers = %config.kafka.brokers, "The consumer is running.");

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub dedupe_entries: IntGauge,
     /// `courier_broker_up`.
     pub broker_up: IntGauge,
+    /// `courier_held_messages`: messages holding their partition because their retry or
+    /// DLQ publish fails for a reason that will not heal by itself.
+    pub held_messages: IntGauge,
     /// `courier_http_requests_total{route,status}`: ingest API requests by matched route.
     pub http_requests: IntCounterVec,
     /// `courier_commits_total{result}`: offset commits, ok or error.
@@ -149,6 +152,13 @@ impl Metrics {
             broker_up: reg!(IntGauge::with_opts(
                 Opts::new("broker_up", "1 while the broker answers metadata probes.")
                     .namespace("courier")
+            )),
+            held_messages: reg!(IntGauge::with_opts(
+                Opts::new(
+                    "held_messages",
+                    "Messages holding their partition because their retry or DLQ publish fails for a reason that will not heal by itself."
+                )
+                .namespace("courier")
             )),
             http_requests: reg!(counter_vec(
                 "http_requests_total",

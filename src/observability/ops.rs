@@ -25,6 +25,8 @@ pub struct Readiness {
     group_joined: AtomicBool,
     consecutive_failures: AtomicU64,
     last_error: Mutex<String>,
+    /// Messages holding their partition, by `topic/partition@offset`, with the reason.
+    held: Mutex<std::collections::BTreeMap<String, String>>,
     metrics: Metrics,
 }
 
@@ -38,6 +40,7 @@ impl Readiness {
             group_joined: AtomicBool::new(false),
             consecutive_failures: AtomicU64::new(0),
             last_error: Mutex::new("the broker has not been probed yet".into()),
+            held: Mutex::new(std::collections::BTreeMap::new()),
             metrics,
         })
     }
@@ -79,7 +82,28 @@ impl Readiness {
         if self.needs_group && !self.group_joined.load(Ordering::SeqCst) {
             return Err("the consumer has not joined its group yet".into());
         }
+        let held = self.held.lock();
+        if let Some((key, reason)) = held.iter().next() {
+            return Err(format!(
+                "{} message(s) cannot be forwarded and hold their partition; {key}: {reason}",
+                held.len()
+            ));
+        }
         Ok(())
+    }
+}
+
+impl crate::service::holds::Holds for Readiness {
+    fn hold(&self, key: &str, reason: &str) {
+        let mut held = self.held.lock();
+        held.insert(key.to_owned(), reason.to_owned());
+        self.metrics.held_messages.set(held.len() as i64);
+    }
+
+    fn release(&self, key: &str) {
+        let mut held = self.held.lock();
+        held.remove(key);
+        self.metrics.held_messages.set(held.len() as i64);
     }
 }
 

@@ -44,6 +44,20 @@ impl PublishFailure {
         }
     }
 
+    /// Whether the failure goes away without anyone acting: a full queue, a timeout, a
+    /// broker that is down or a producer the health checker recreates. The others (no such
+    /// topic or partition, no authorization, too large) need an operator, so a message they
+    /// hold is made visible.
+    pub fn heals_by_itself(self) -> bool {
+        !matches!(
+            self,
+            PublishFailure::MessageTooLarge
+                | PublishFailure::Unauthorized
+                | PublishFailure::UnknownPartition
+                | PublishFailure::UnknownTopic
+        )
+    }
+
     /// Whether the same publish may succeed later.
     pub fn is_transient(self) -> bool {
         !matches!(

@@ -30,22 +30,32 @@ impl std::fmt::Display for Tp {
     }
 }
 
-/// Identifies one fetch position of a partition. The driver tags every delivery with the
-/// partition's current epoch; assignment and every seek start a new one, so the pipeline
-/// can drop deliveries fetched before a seek or from an earlier assignment.
+/// Identifies one assignment of a partition, or one fetch position within it. The driver
+/// starts a new epoch at every assignment (the partition's *generation*) and at every seek
+/// (its *fetch epoch*), and tags every delivery with the current fetch epoch, so the
+/// pipeline can drop deliveries fetched before a seek or under an earlier assignment, and
+/// the driver can ignore requests about an assignment that is gone.
 pub type Epoch = u64;
 
 /// A rebalance event from the driver.
 #[derive(Debug)]
 pub enum Control {
-    /// Partitions assigned; each starts at its committed offset with the given epoch.
+    /// Partitions newly assigned; each starts at its committed offset, with the given
+    /// epoch as its generation and first fetch epoch. The driver has resumed each one, so
+    /// no pause of an earlier assignment survives (librdkafka keeps an application pause
+    /// across unassign/assign).
     Assigned(Vec<(Tp, Epoch)>),
-    /// Partitions about to be revoked. The pipeline stops dispatching them, drains their
-    /// in-flight messages (bounded by the shutdown timeout), and answers with the offsets
-    /// to commit; the driver commits them synchronously before letting them go.
+    /// Partitions about to be revoked (all of them with the eager protocol, only those that
+    /// change owner with `cooperative-sticky`). The pipeline stops dispatching them (work
+    /// queued for them is never started), drains what is running (bounded by the shutdown
+    /// timeout) and answers with the offsets to commit; the driver commits them
+    /// synchronously before letting the partitions go.
     Revoked {
         /// The partitions.
         partitions: Vec<Tp>,
+        /// The group already gave them to another member (session lost): nothing may be
+        /// committed and nothing is waited for.
+        lost: bool,
         /// Where to send the offsets to commit (next offset to consume per partition).
         reply: SyncSender<Vec<(Tp, i64)>>,
     },
@@ -55,20 +65,23 @@ pub enum Control {
 pub type DeliveryBatch = Vec<(Delivery, Epoch)>;
 
 /// What the pipeline asks of the driver. Every call returns at once (the driver applies it
-/// on its own thread), so the pipeline never blocks on Kafka.
+/// on its own thread), so the pipeline never blocks on Kafka. Each request names the
+/// partition's generation: the driver ignores a request about an assignment that was
+/// revoked meanwhile, so nothing leaks onto a later assignment of the same partition.
 #[cfg_attr(test, mockall::automock)]
 pub trait ConsumerControl: Send + Sync + 'static {
     /// Stops fetching `tp`.
-    fn pause(&self, tp: &Tp);
+    fn pause(&self, tp: &Tp, generation: Epoch);
     /// Resumes fetching `tp`.
-    fn resume(&self, tp: &Tp);
+    fn resume(&self, tp: &Tp, generation: Epoch);
     /// Pauses `tp` and moves its fetch position to `offset`, in that order and as one
-    /// request; returns the new epoch that deliveries fetched from there will carry. The
-    /// caller resumes the partition when it wants the messages.
-    fn seek(&self, tp: &Tp, offset: i64) -> Epoch;
-    /// Commits these offsets (next offset to consume) asynchronously.
-    fn commit(&self, offsets: Vec<(Tp, i64)>);
+    /// request; returns the new fetch epoch that deliveries fetched from there will carry.
+    /// The caller resumes the partition when it wants the messages.
+    fn seek(&self, tp: &Tp, generation: Epoch, offset: i64) -> Epoch;
+    /// Commits these offsets (next offset to consume) asynchronously: `(partition,
+    /// generation, offset)`.
+    fn commit(&self, offsets: Vec<(Tp, Epoch, i64)>);
     /// Commits these offsets synchronously, leaves the group and stops the driver.
     /// Returns once the driver has stopped.
-    fn close(&self, offsets: Vec<(Tp, i64)>);
+    fn close(&self, offsets: Vec<(Tp, Epoch, i64)>);
 }

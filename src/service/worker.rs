@@ -1,10 +1,15 @@
 //! One message's way through a worker lane: dedupe claim → processor → outcome routing
 //! (ok; retryable → next retry topic; fatal or exhausted → DLQ). A retry or DLQ publish is
 //! retried with back-off until the broker acknowledges it, so the message is finished only
-//! once it is safely on its next topic.
+//! once it is safely on its next topic. Faults stay inside one message (DESIGN.md,
+//! guarantee 9): a panicking processor is a fatal failure, and a publish that fails for a
+//! reason that will not heal by itself holds the message visibly (see [`Holds`]).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::FutureExt;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +18,7 @@ use crate::config::RetryConfig;
 use crate::model::{failure_record, now_ms, Delivery, ErrorKind, FailureHop};
 use crate::observability::Metrics;
 use crate::service::dedupe::{Claim, DedupeStore};
+use crate::service::holds::Holds;
 use crate::service::processor::{ProcessError, Processor};
 use crate::service::publish::{PublishFailure, Publisher};
 
@@ -68,6 +74,11 @@ pub struct WorkerContext {
     pub abort: CancellationToken,
     /// Back-off of retry/DLQ publishes: first and longest delay.
     pub publish_backoff: (Duration, Duration),
+    /// The longest delay a retry may get, `retry_after` included: below the due-time
+    /// horizon the pipeline trusts, so a retry is never treated as due early.
+    pub max_retry_delay: Duration,
+    /// Where messages that cannot move on are reported.
+    pub holds: Arc<dyn Holds>,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -122,7 +133,17 @@ impl WorkerContext {
             self.metrics.retry_lateness.observe(late_ms as f64 / 1000.0);
         }
         let started = Instant::now();
-        let result = self.processor.process(d).await;
+        let result = match AssertUnwindSafe(self.processor.process(d))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                let reason = format!("the processor panicked: {}", panic_message(&*panic));
+                tracing::error!(message_id = id.unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, error = %reason, "The processor panicked; the message is a fatal failure.");
+                Err(ProcessError::Fatal(reason))
+            }
+        };
         self.metrics
             .processing_duration
             .observe(started.elapsed().as_secs_f64());
@@ -146,6 +167,13 @@ impl WorkerContext {
         }
     }
 
+    /// The delay of retry `level`: its configured delay, or a processor's `retry_after` when
+    /// longer, clamped to [`WorkerContext::max_retry_delay`].
+    pub fn retry_delay(&self, level: u32, retry_after: Option<Duration>) -> Duration {
+        let configured = self.retry.delay(level);
+        configured.max(retry_after.unwrap_or_default().min(self.max_retry_delay))
+    }
+
     /// Publishes a failed message to its next hop and waits for the acknowledgement.
     async fn route_failure(&self, job: &Job, err: &ProcessError) -> Outcome {
         let d = &job.delivery;
@@ -155,14 +183,12 @@ impl WorkerContext {
         let now = now_ms();
         let (topic, kind, due, outcome) = match err {
             ProcessError::Retryable { retry_after, .. } if next_level <= self.retry_max => {
-                let delay = self
-                    .retry
-                    .delay(next_level)
-                    .max(retry_after.unwrap_or_default());
+                let delay = self.retry_delay(next_level, *retry_after);
+                let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
                 (
                     self.retry.topic(next_level),
                     ErrorKind::Retryable,
-                    Some(now + delay.as_millis() as i64),
+                    Some(now.saturating_add(delay_ms)),
                     Outcome::Retried(next_level),
                 )
             }
@@ -200,7 +226,7 @@ impl WorkerContext {
                 tracing::error!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, dlq_topic = %topic, error_kind = kind.as_str(), error = err.reason(), "Processing failed; the message goes to the dead-letter topic.")
             }
         }
-        match self.publish_until_acked(record).await {
+        match self.publish_until_acked(d, record, false).await {
             Delivered::Acked => outcome,
             Delivered::Aborted => Outcome::Abandoned,
             Delivered::TooLarge => {
@@ -249,16 +275,18 @@ impl WorkerContext {
             },
         );
         tracing::error!(message_id = d.message_id().unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, payload_bytes = size, "A failed message is too large to forward; its DLQ entry points to the original.");
-        match self.publish_until_acked(record.clone()).await {
+        match self.publish_until_acked(d, record.clone(), false).await {
             Delivered::Acked => Outcome::DeadLettered,
             Delivered::Aborted => Outcome::Abandoned,
             Delivered::TooLarge => {
-                // Even the headers are too large: keep only the courier headers.
+                // Even the headers are too large: keep only the courier headers. If the DLQ
+                // refuses even that, the message holds its partition visibly until the DLQ
+                // takes it (or shutdown leaves it uncommitted for the next start).
                 record.key = None;
                 record
                     .headers
                     .retain(|(k, _)| k.starts_with(crate::model::COURIER_HEADER_PREFIX));
-                match self.publish_until_acked(record).await {
+                match self.publish_until_acked(d, record, true).await {
                     Delivered::Acked => Outcome::DeadLettered,
                     _ => Outcome::Abandoned,
                 }
@@ -267,9 +295,16 @@ impl WorkerContext {
     }
 
     /// Publishes `record`, retrying with back-off until acknowledged. Gives up only when
-    /// shutdown's abort fires, or when the broker refuses the record as too large (which no
-    /// retry can change).
-    async fn publish_until_acked(&self, record: crate::model::OutgoingRecord) -> Delivered {
+    /// shutdown's abort fires, or, unless `too_large_is_final`, when the broker refuses the
+    /// record as too large (the caller then forwards a smaller one). A failure that will not
+    /// heal by itself holds `d` visibly (readiness, metric, an error log naming it) until the
+    /// publish succeeds.
+    async fn publish_until_acked(
+        &self,
+        d: &Delivery,
+        record: crate::model::OutgoingRecord,
+        too_large_is_final: bool,
+    ) -> Delivered {
         let (first, longest) = self.publish_backoff;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(first)
@@ -277,25 +312,53 @@ impl WorkerContext {
             .with_jitter()
             .without_max_times()
             .build();
-        loop {
+        let key = format!("{}/{}@{}", d.topic, d.partition, d.offset);
+        let mut held = false;
+        let delivered = loop {
             let attempt = tokio::select! {
                 biased;
-                _ = self.abort.cancelled() => return Delivered::Aborted,
+                _ = self.abort.cancelled() => break Delivered::Aborted,
                 r = self.publisher.publish(record.clone()) => r,
             };
-            match attempt {
-                Ok(_) => return Delivered::Acked,
-                Err(e) if e.kind == PublishFailure::MessageTooLarge => return Delivered::TooLarge,
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(longest);
-                    tracing::warn!(topic = %record.topic, error = %e, retry_in_ms = wait.as_millis() as u64, "A retry/DLQ publish failed; it will be retried and holds the commit point.");
-                    tokio::select! {
-                        _ = self.abort.cancelled() => return Delivered::Aborted,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
+            let e = match attempt {
+                Ok(_) => break Delivered::Acked,
+                Err(e) if e.kind == PublishFailure::MessageTooLarge && !too_large_is_final => {
+                    break Delivered::TooLarge
                 }
+                Err(e) => e,
+            };
+            let wait = backoff.next().unwrap_or(longest);
+            if e.kind.heals_by_itself() {
+                tracing::warn!(topic = %record.topic, error = %e, retry_in_ms = wait.as_millis() as u64, "A retry/DLQ publish failed; it will be retried and holds the commit point.");
+            } else if !held {
+                held = true;
+                let reason = format!("its publish to {} fails: {e}", record.topic);
+                tracing::error!(message_id = d.message_id().unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, destination = %record.topic, error = %e, "A message cannot be forwarded and holds its partition until the cause is fixed; courier keeps trying.");
+                self.holds.hold(&key, &reason);
+            }
+            tokio::select! {
+                _ = self.abort.cancelled() => break Delivered::Aborted,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        };
+        if held {
+            self.holds.release(&key);
+            if matches!(delivered, Delivered::Acked) {
+                tracing::info!(topic = %d.topic, partition = d.partition, offset = d.offset, destination = %record.topic, "A held message was forwarded; its partition moves on.");
             }
         }
+        delivered
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 
@@ -303,12 +366,21 @@ impl WorkerContext {
 mod tests {
     use super::*;
     use crate::model::{Ack, CourierHeaders, HEADER_MESSAGE_ID};
+    use crate::observability::Readiness;
     use crate::service::dedupe::MemoryDedupe;
     use crate::service::processor::MockProcessor;
     use crate::service::publish::{MockPublisher, PublishError};
     use parking_lot::Mutex;
 
     fn ctx(processor: MockProcessor, publisher: MockPublisher) -> WorkerContext {
+        ctx_with(processor, publisher, Readiness::new(Metrics::new(), false))
+    }
+
+    fn ctx_with(
+        processor: MockProcessor,
+        publisher: MockPublisher,
+        holds: Arc<Readiness>,
+    ) -> WorkerContext {
         WorkerContext {
             processor: Arc::new(processor),
             publisher: Arc::new(publisher),
@@ -323,6 +395,8 @@ mod tests {
             metrics: Metrics::new(),
             abort: CancellationToken::new(),
             publish_backoff: (Duration::from_millis(1), Duration::from_millis(5)),
+            max_retry_delay: Duration::from_secs(3600),
+            holds,
         }
     }
 
@@ -416,6 +490,166 @@ mod tests {
         assert_eq!(
             ctx(processor, publisher).handle(&job(10)).await,
             Outcome::DeadLettered
+        );
+    }
+
+    /// A publish that fails for a reason that will not heal by itself (here the DLQ topic
+    /// does not exist yet) holds the message visibly: readiness says which message and why,
+    /// the gauge counts it, and it is never given up; once the topic exists, it moves on.
+    #[tokio::test]
+    async fn a_publish_that_will_not_heal_holds_the_message_visibly_until_it_succeeds() {
+        let mut processor = MockProcessor::new();
+        processor
+            .expect_process()
+            .returning(|_| Err(ProcessError::fatal("bad")));
+        let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, a) = (created.clone(), attempts.clone());
+        let mut publisher = MockPublisher::new();
+        publisher.expect_publish().returning(move |_| {
+            a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if c.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(Ack {
+                    partition: 0,
+                    offset: 0,
+                })
+            } else {
+                Err(PublishError {
+                    kind: PublishFailure::UnknownTopic,
+                    message: "Broker: Unknown topic or partition".into(),
+                })
+            }
+        });
+        let metrics = Metrics::new();
+        let readiness = Readiness::new(metrics.clone(), false);
+        readiness.broker_ok();
+        let ctx = Arc::new(ctx_with(processor, publisher, readiness.clone()));
+        let worker = ctx.clone();
+        let handled = tokio::spawn(async move { worker.handle(&job(10)).await });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while attempts.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+            assert!(Instant::now() < deadline, "the publish is retried");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let reason = readiness
+            .check()
+            .expect_err("not ready while a message is held");
+        assert!(
+            reason.contains("1 message(s) cannot be forwarded"),
+            "{reason}"
+        );
+        assert!(reason.contains("ev/1@7"), "{reason}");
+        assert!(reason.contains("ev-dlq"), "{reason}");
+        assert_eq!(metrics.held_messages.get(), 1);
+        assert!(
+            !handled.is_finished(),
+            "never given up while the consumer runs"
+        );
+        created.store(true, std::sync::atomic::Ordering::SeqCst);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), handled)
+            .await
+            .expect("moves on once the topic exists")
+            .expect("task");
+        assert_eq!(outcome, Outcome::DeadLettered);
+        assert_eq!(readiness.check(), Ok(()));
+        assert_eq!(metrics.held_messages.get(), 0);
+    }
+
+    /// A record the DLQ refuses even as a bare pointer is not abandoned: it holds its
+    /// partition visibly, and shutdown leaves it uncommitted.
+    #[tokio::test]
+    async fn a_message_that_cannot_be_forwarded_anywhere_holds_until_shutdown() {
+        let mut processor = MockProcessor::new();
+        processor
+            .expect_process()
+            .returning(|_| Err(ProcessError::fatal("bad")));
+        let mut publisher = MockPublisher::new();
+        publisher.expect_publish().returning(|_| {
+            Err(PublishError {
+                kind: PublishFailure::MessageTooLarge,
+                message: "too large".into(),
+            })
+        });
+        let metrics = Metrics::new();
+        let readiness = Readiness::new(metrics.clone(), false);
+        readiness.broker_ok();
+        let ctx = Arc::new(ctx_with(processor, publisher, readiness.clone()));
+        let worker = ctx.clone();
+        let handled = tokio::spawn(async move { worker.handle(&job(10)).await });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metrics.held_messages.get() == 0 {
+            assert!(Instant::now() < deadline, "the message is held visibly");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(readiness.check().unwrap_err().contains("ev/1@7"));
+        assert!(!handled.is_finished());
+        ctx.abort.cancel();
+        let outcome = handled.await.expect("task");
+        assert_eq!(
+            outcome,
+            Outcome::Abandoned,
+            "left uncommitted for the next start"
+        );
+        assert_eq!(metrics.held_messages.get(), 0);
+    }
+
+    #[test]
+    fn retry_after_is_a_lower_bound_clamped_to_the_horizon() {
+        let ctx = ctx(MockProcessor::new(), MockPublisher::new());
+        assert_eq!(ctx.retry_delay(1, None), Duration::from_secs(1));
+        assert_eq!(
+            ctx.retry_delay(1, Some(Duration::from_secs(30))),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            ctx.retry_delay(1, Some(Duration::from_millis(10))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            ctx.retry_delay(1, Some(Duration::from_secs(86_400 * 365))),
+            Duration::from_secs(3600),
+            "beyond the horizon the pipeline would treat it as due now: clamped"
+        );
+        assert_eq!(
+            ctx.retry_delay(1, Some(Duration::MAX)),
+            Duration::from_secs(3600)
+        );
+    }
+
+    /// A processor that panics: a fatal failure, dead-lettered, its dedupe claim released
+    /// (a later copy of the id is claimed anew, not skipped as in progress).
+    #[tokio::test]
+    async fn a_panicking_processor_is_fatal_and_releases_its_dedupe_claim() {
+        struct Panics;
+        #[async_trait::async_trait]
+        impl Processor for Panics {
+            async fn process(&self, _: &Delivery) -> Result<(), ProcessError> {
+                panic!("boom")
+            }
+        }
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let seen = sent.clone();
+        let mut publisher = MockPublisher::new();
+        publisher.expect_publish().returning(move |r| {
+            seen.lock().push(r);
+            Ok(Ack {
+                partition: 0,
+                offset: 0,
+            })
+        });
+        let mut ctx = ctx(MockProcessor::new(), publisher);
+        ctx.processor = Arc::new(Panics);
+        assert_eq!(ctx.handle(&job(10)).await, Outcome::DeadLettered);
+        let h = CourierHeaders::parse(&sent.lock()[0].headers);
+        assert_eq!(h.error_kind, Some(ErrorKind::Fatal));
+        assert_eq!(
+            h.error_message.as_deref(),
+            Some("the processor panicked: boom")
+        );
+        assert_eq!(
+            ctx.dedupe.claim("m1", None),
+            Claim::Acquired,
+            "the claim was released"
         );
     }
 }

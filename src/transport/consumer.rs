@@ -1,9 +1,17 @@
 //! The consumer driver: a `BaseConsumer` polled on its own thread, so rebalance callbacks can
 //! wait for the async pipeline to drain a revoked partition without blocking the runtime.
-//! Each Kafka message becomes an owned [`Delivery`] tagged with its partition's epoch.
+//! Each Kafka message becomes an owned [`Delivery`] tagged with its partition's fetch epoch.
 //! Pause, resume, seek and commit requests from the pipeline are coalesced in a small shared
-//! state (bounded by the number of partitions) and applied between polls; commits are
-//! asynchronous on the interval and synchronous on revoke and on close.
+//! state (bounded by the number of partitions) and applied between polls; each names the
+//! partition's generation, and a request about an assignment that is gone is dropped.
+//! Commits are asynchronous on the interval and synchronous on revoke and on close.
+//!
+//! Rebalances (DESIGN.md, guarantees 3 and 7): with `cooperative-sticky` (the default) only
+//! the partitions that change owner are revoked and assigned (`incremental_unassign` and
+//! `incremental_assign`); the eager strategies revoke everything. Every newly assigned
+//! partition is resumed at once, because librdkafka keeps an application pause across
+//! unassign/assign: a retry partition paused while it waited would otherwise stay paused
+//! for good when it came back to the same member.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,10 +20,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -28,20 +37,38 @@ use crate::transport::settings::{client_config, ClientRole};
 
 /// Messages taken from librdkafka per poll round and sent to the pipeline as one batch.
 const MAX_BATCH: usize = 256;
+/// Bytes per batch at most (one message always fits): with the bounded hand-over this
+/// caps what waits between librdkafka and the pipeline, however large the records.
+const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How long one poll waits: also the latency of applying pause/resume/seek requests.
 const POLL_WAIT: Duration = Duration::from_millis(10);
 
+/// One assignment of a partition: its generation and current fetch epoch.
+#[derive(Debug, Clone, Copy)]
+struct Assigned {
+    generation: Epoch,
+    fetch_epoch: Epoch,
+}
+
 #[derive(Default)]
 struct Commands {
-    pause: BTreeMap<Tp, bool>,
-    seek: BTreeMap<Tp, (i64, Epoch)>,
-    commit: BTreeMap<Tp, i64>,
-    close: Option<Vec<(Tp, i64)>>,
+    pause: BTreeMap<Tp, (Epoch, bool)>,
+    seek: BTreeMap<Tp, (Epoch, i64, Epoch)>,
+    commit: BTreeMap<Tp, (Epoch, i64)>,
+    close: Option<Vec<(Tp, Epoch, i64)>>,
+}
+
+impl Commands {
+    fn forget(&mut self, tp: &Tp) {
+        self.pause.remove(tp);
+        self.seek.remove(tp);
+        self.commit.remove(tp);
+    }
 }
 
 struct Shared {
     commands: Mutex<Commands>,
-    epochs: Mutex<HashMap<Tp, Epoch>>,
+    assigned: Mutex<HashMap<Tp, Assigned>>,
     next_epoch: AtomicU64,
     closing: AtomicBool,
 }
@@ -49,6 +76,24 @@ struct Shared {
 impl Shared {
     fn new_epoch(&self) -> Epoch {
         self.next_epoch.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Whether `generation` is the live assignment of `tp`.
+    fn is_live(&self, tp: &Tp, generation: Epoch) -> bool {
+        self.assigned
+            .lock()
+            .get(tp)
+            .is_some_and(|a| a.generation == generation)
+    }
+
+    /// The offsets of live assignments only.
+    fn live_offsets(&self, offsets: impl IntoIterator<Item = (Tp, Epoch, i64)>) -> Vec<(Tp, i64)> {
+        let assigned = self.assigned.lock();
+        offsets
+            .into_iter()
+            .filter(|(tp, g, _)| assigned.get(tp).is_some_and(|a| a.generation == *g))
+            .map(|(tp, _, o)| (tp, o))
+            .collect()
     }
 }
 
@@ -67,7 +112,7 @@ impl ClientContext for DriverContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        let assigned = self.shared.epochs.lock();
+        let assigned = self.shared.assigned.lock();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition < 0 || !assigned.contains_key(&Tp::new(topic.as_str(), *partition)) {
@@ -100,42 +145,120 @@ fn tpl_of(offsets: &[(Tp, i64)]) -> TopicPartitionList {
     tpl
 }
 
-impl ConsumerContext for DriverContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
+fn names(tps: &[Tp]) -> Vec<String> {
+    tps.iter().map(Tp::to_string).collect()
+}
+
+impl DriverContext {
+    /// New partitions: assign them, resume them (no pause of an earlier assignment may
+    /// survive), give each a new generation and tell the pipeline.
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+        cooperative: bool,
+    ) {
+        let assigned = if cooperative {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
         };
-        if consumer.assignment_lost() {
-            // The group moved on without us (e.g. after a broker outage): not consuming
-            // until the next assignment.
+        if let Err(e) = assigned {
+            tracing::error!(error = %e, partitions = ?names(&tps_of(tpl)), "Taking an assignment failed; not ready until the next one.");
             self.readiness.set_group_joined(false);
+            return;
         }
-        let partitions = tps_of(tpl);
-        if !self.shared.closing.load(Ordering::SeqCst) {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let sent = self.events.blocking_send(Control::Revoked {
-                partitions: partitions.clone(),
-                reply: tx,
-            });
-            if sent.is_ok() {
-                match rx.recv_timeout(self.revoke_wait) {
-                    Ok(offsets) if !offsets.is_empty() => {
-                        if let Err(e) = consumer.commit(&tpl_of(&offsets), CommitMode::Sync) {
-                            tracing::warn!(error = %e, "The commit on revoke failed; the next owner starts from the last committed offsets.");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tracing::warn!("The pipeline did not answer the revoke in time; nothing more is committed."),
-                }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::warn!(error = %e, "Resuming newly assigned partitions failed.");
             }
         }
-        let mut epochs = self.shared.epochs.lock();
+        let list: Vec<(Tp, Epoch)> = {
+            let mut assigned = self.shared.assigned.lock();
+            if !cooperative {
+                assigned.clear();
+            }
+            let mut commands = self.shared.commands.lock();
+            tps_of(tpl)
+                .into_iter()
+                .map(|tp| {
+                    let e = self.shared.new_epoch();
+                    commands.forget(&tp);
+                    assigned.insert(
+                        tp.clone(),
+                        Assigned {
+                            generation: e,
+                            fetch_epoch: e,
+                        },
+                    );
+                    (tp, e)
+                })
+                .collect()
+        };
+        self.readiness.set_group_joined(true);
+        if !list.is_empty() {
+            let _ = self.events.blocking_send(Control::Assigned(list));
+        }
+    }
+
+    /// Partitions leaving: let the pipeline drain them (bounded), commit what it finished
+    /// unless the assignment was lost, forget them, and let them go.
+    fn on_revoke(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+        cooperative: bool,
+    ) {
+        let partitions = tps_of(tpl);
+        let lost = consumer.assignment_lost();
+        if lost {
+            // The group moved on without us (e.g. after a broker outage): not consuming
+            // until the next assignment, and nothing of these may be committed.
+            self.readiness.set_group_joined(false);
+        }
+        if !self.shared.closing.load(Ordering::SeqCst) && !partitions.is_empty() {
+            self.handshake(consumer, &partitions, lost);
+        }
+        self.forget(&partitions);
+        let released = if cooperative {
+            consumer.incremental_unassign(tpl)
+        } else {
+            consumer.unassign()
+        };
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "Releasing revoked partitions failed.");
+        }
+    }
+
+    fn handshake(&self, consumer: &BaseConsumer<Self>, partitions: &[Tp], lost: bool) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let sent = self.events.blocking_send(Control::Revoked {
+            partitions: partitions.to_vec(),
+            lost,
+            reply: tx,
+        });
+        if sent.is_err() {
+            return;
+        }
+        match rx.recv_timeout(self.revoke_wait) {
+            Ok(offsets) if !offsets.is_empty() && !lost => {
+                if let Err(e) = consumer.commit(&tpl_of(&offsets), CommitMode::Sync) {
+                    tracing::warn!(error = %e, "The commit on revoke failed; the next owner starts from the last committed offsets.");
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(partitions = ?names(partitions), "The pipeline did not answer the revoke in time; nothing more is committed for these partitions.")
+            }
+        }
+    }
+
+    fn forget(&self, partitions: &[Tp]) {
+        let mut assigned = self.shared.assigned.lock();
         let mut commands = self.shared.commands.lock();
-        for tp in &partitions {
-            epochs.remove(tp);
-            commands.pause.remove(tp);
-            commands.seek.remove(tp);
-            commands.commit.remove(tp);
+        for tp in partitions {
+            assigned.remove(tp);
+            commands.forget(tp);
             let _ = self
                 .metrics
                 .consumer_lag
@@ -143,28 +266,53 @@ impl ConsumerContext for DriverContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let list: Vec<(Tp, Epoch)> = {
-                    let mut epochs = self.shared.epochs.lock();
-                    tps_of(tpl)
-                        .into_iter()
-                        .map(|tp| {
-                            let e = self.shared.new_epoch();
-                            epochs.insert(tp.clone(), e);
-                            (tp, e)
-                        })
-                        .collect()
-                };
-                self.readiness.set_group_joined(true);
-                let _ = self.events.blocking_send(Control::Assigned(list));
+    /// A failed rebalance: librdkafka expects the whole assignment to be dropped.
+    fn on_rebalance_error(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        cooperative: bool,
+    ) {
+        let code: rdkafka::error::RDKafkaErrorCode = err.into();
+        tracing::warn!(error = %code, "Rebalance error; not ready until the next assignment.");
+        self.readiness.set_group_joined(false);
+        let current: Vec<Tp> = self.shared.assigned.lock().keys().cloned().collect();
+        if !self.shared.closing.load(Ordering::SeqCst) && !current.is_empty() {
+            self.handshake(consumer, &current, true);
+        }
+        self.forget(&current);
+        let released = if cooperative {
+            consumer
+                .assignment()
+                .and_then(|a| consumer.incremental_unassign(&a))
+        } else {
+            consumer.unassign()
+        };
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "Dropping the assignment after a rebalance error failed.");
+        }
+    }
+}
+
+impl ConsumerContext for DriverContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl, cooperative)
             }
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => {
-                self.readiness.set_group_joined(false);
-                tracing::warn!(error = %e, "Rebalance error; not ready until the next assignment.");
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, tpl, cooperative)
             }
+            other => self.on_rebalance_error(consumer, other, cooperative),
         }
     }
 
@@ -193,30 +341,35 @@ impl std::fmt::Debug for KafkaConsumerControl {
 }
 
 impl ConsumerControl for KafkaConsumerControl {
-    fn pause(&self, tp: &Tp) {
-        self.shared.commands.lock().pause.insert(tp.clone(), true);
+    fn pause(&self, tp: &Tp, generation: Epoch) {
+        let mut commands = self.shared.commands.lock();
+        commands.pause.insert(tp.clone(), (generation, true));
     }
 
-    fn resume(&self, tp: &Tp) {
-        self.shared.commands.lock().pause.insert(tp.clone(), false);
+    fn resume(&self, tp: &Tp, generation: Epoch) {
+        let mut commands = self.shared.commands.lock();
+        commands.pause.insert(tp.clone(), (generation, false));
     }
 
-    fn seek(&self, tp: &Tp, offset: i64) -> Epoch {
+    fn seek(&self, tp: &Tp, generation: Epoch, offset: i64) -> Epoch {
         let e = self.shared.new_epoch();
         // Pause in the same request: a seek applied before its pause would let the driver
         // deliver (and librdkafka count as consumed) messages the pipeline drops while the
         // partition waits, and the resume would then continue after them.
         let mut commands = self.shared.commands.lock();
-        commands.pause.insert(tp.clone(), true);
-        commands.seek.insert(tp.clone(), (offset, e));
+        commands.pause.insert(tp.clone(), (generation, true));
+        commands.seek.insert(tp.clone(), (generation, offset, e));
         e
     }
 
-    fn commit(&self, offsets: Vec<(Tp, i64)>) {
-        self.shared.commands.lock().commit.extend(offsets);
+    fn commit(&self, offsets: Vec<(Tp, Epoch, i64)>) {
+        let mut commands = self.shared.commands.lock();
+        for (tp, g, o) in offsets {
+            commands.commit.insert(tp, (g, o));
+        }
     }
 
-    fn close(&self, offsets: Vec<(Tp, i64)>) {
+    fn close(&self, offsets: Vec<(Tp, Epoch, i64)>) {
         self.shared.commands.lock().close = Some(offsets);
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
@@ -251,7 +404,7 @@ pub fn start(
 ) -> Result<Driver, KafkaError> {
     let shared = Arc::new(Shared {
         commands: Mutex::new(Commands::default()),
-        epochs: Mutex::new(HashMap::new()),
+        assigned: Mutex::new(HashMap::new()),
         next_epoch: AtomicU64::new(1),
         closing: AtomicBool::new(false),
     });
@@ -267,8 +420,7 @@ pub fn start(
     };
     let consumer: BaseConsumer<DriverContext> =
         client_config(config, ClientRole::Consumer).create_with_context(ctx)?;
-    let mut topics: Vec<String> = config.consumer.topics.clone();
-    topics.extend((1..=config.consumer.retry_max).map(|n| config.retry.topic(n)));
+    let topics = subscription(&config.consumer.topics, &config.retry.topic_prefix);
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&refs)?;
     let thread_shared = shared.clone();
@@ -303,44 +455,77 @@ pub fn to_delivery(m: &BorrowedMessage<'_>) -> Delivery {
     }
 }
 
-/// Applies pending requests; returns the final offsets when close was requested.
+/// The subscription: the source topics by name, and every retry topic `{prefix}-N` by a
+/// pattern, so retry topics above `KAFKA_CONSUMER_RETRY_MAX` (left from a larger setting)
+/// are still drained instead of stranded.
+fn subscription(sources: &[String], retry_prefix: &str) -> Vec<String> {
+    let mut topics = sources.to_vec();
+    let mut pattern = String::from("^");
+    for c in retry_prefix.chars() {
+        // Topic names hold [a-zA-Z0-9._-]: only `.` means something in a pattern.
+        if c == '.' {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push_str("-[0-9]+$");
+    topics.push(pattern);
+    topics
+}
+
+fn partition_list(tps: &[Tp]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for tp in tps {
+        tpl.add_partition(&tp.topic, tp.partition);
+    }
+    tpl
+}
+
+/// Applies pending requests about live assignments (anything about an assignment that is
+/// gone is dropped); returns the final offsets when close was requested.
 fn apply_commands(
     consumer: &BaseConsumer<DriverContext>,
     shared: &Shared,
 ) -> Option<Vec<(Tp, i64)>> {
     let cmds = std::mem::take(&mut *shared.commands.lock());
-    let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
-    for (tp, p) in &cmds.pause {
-        if *p {
-            pause.add_partition(&tp.topic, tp.partition)
-        } else {
-            resume.add_partition(&tp.topic, tp.partition)
-        };
+    let (mut pause, mut resume) = (Vec::new(), Vec::new());
+    for (tp, (g, p)) in cmds.pause {
+        if shared.is_live(&tp, g) {
+            if p {
+                pause.push(tp)
+            } else {
+                resume.push(tp)
+            }
+        }
     }
-    if pause.count() > 0 {
-        if let Err(e) = consumer.pause(&pause) {
+    if !pause.is_empty() {
+        if let Err(e) = consumer.pause(&partition_list(&pause)) {
             tracing::warn!(error = %e, "Pausing partitions failed.");
         }
     }
     let mut failed = Vec::new();
-    for (tp, (offset, epoch)) in &cmds.seek {
-        if !shared.epochs.lock().contains_key(tp) {
+    for (tp, (g, offset, epoch)) in cmds.seek {
+        if !shared.is_live(&tp, g) {
             continue;
         }
         match consumer.seek(
             &tp.topic,
             tp.partition,
-            Offset::Offset(*offset),
+            Offset::Offset(offset),
             Duration::from_secs(5),
         ) {
             Ok(()) => {
-                shared.epochs.lock().insert(tp.clone(), *epoch);
+                if let Some(a) = shared.assigned.lock().get_mut(&tp) {
+                    if a.generation == g {
+                        a.fetch_epoch = epoch;
+                    }
+                }
             }
             Err(e) => {
                 // Until the seek succeeds, deliveries keep the old epoch and are dropped by
                 // the pipeline (they are fetched again after the seek): try again next round.
                 tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, error = %e, "Seek failed; retrying.");
-                failed.push((tp.clone(), (*offset, *epoch)));
+                failed.push((tp, (g, offset, epoch)));
             }
         }
     }
@@ -350,18 +535,50 @@ fn apply_commands(
             commands.seek.entry(tp).or_insert(seek);
         }
     }
-    if resume.count() > 0 {
-        if let Err(e) = consumer.resume(&resume) {
+    if !resume.is_empty() {
+        if let Err(e) = consumer.resume(&partition_list(&resume)) {
             tracing::warn!(error = %e, "Resuming partitions failed.");
         }
     }
-    if !cmds.commit.is_empty() {
-        let offsets: Vec<(Tp, i64)> = cmds.commit.into_iter().collect();
-        if let Err(e) = consumer.commit(&tpl_of(&offsets), CommitMode::Async) {
+    let commits = shared.live_offsets(cmds.commit.into_iter().map(|(tp, (g, o))| (tp, g, o)));
+    if !commits.is_empty() {
+        if let Err(e) = consumer.commit(&tpl_of(&commits), CommitMode::Async) {
             tracing::warn!(error = %e, "Queuing an offset commit failed.");
         }
     }
-    cmds.close
+    cmds.close.map(|offsets| shared.live_offsets(offsets))
+}
+
+/// One poll round: up to [`MAX_BATCH`] messages or [`MAX_BATCH_BYTES`], each tagged with its
+/// partition's fetch epoch (messages of partitions not assigned are dropped: they are
+/// fetched again by their owner).
+fn poll_batch(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> DeliveryBatch {
+    let mut batch: DeliveryBatch = Vec::new();
+    let mut bytes = 0;
+    let mut wait = POLL_WAIT;
+    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                let epoch = shared
+                    .assigned
+                    .lock()
+                    .get(&Tp::new(m.topic(), m.partition()))
+                    .map(|a| a.fetch_epoch);
+                if let Some(epoch) = epoch {
+                    let d = to_delivery(&m);
+                    bytes += d.size_bytes();
+                    batch.push((d, epoch));
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "Consumer error.");
+                break;
+            }
+            None => break,
+        }
+        wait = Duration::ZERO;
+    }
+    batch
 }
 
 fn poll_loop(
@@ -394,32 +611,22 @@ fn poll_loop(
             std::thread::sleep(POLL_WAIT);
             continue;
         }
-        let mut batch: DeliveryBatch = Vec::new();
-        let mut wait = POLL_WAIT;
-        while batch.len() < MAX_BATCH {
-            match consumer.poll(wait) {
-                Some(Ok(m)) => {
-                    let tp_epoch = shared
-                        .epochs
-                        .lock()
-                        .get(&Tp::new(m.topic(), m.partition()))
-                        .copied();
-                    if let Some(epoch) = tp_epoch {
-                        batch.push((to_delivery(&m), epoch));
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "Consumer error.");
-                    break;
-                }
-                None => break,
-            }
-            wait = Duration::ZERO;
-        }
+        let batch = poll_batch(&consumer, &shared);
         if (!batch.is_empty() && deliveries.blocking_send(batch).is_err()) || deliveries.is_closed()
         {
             pipeline_gone = Some(std::time::Instant::now());
         }
     }
     drop(consumer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_topics_are_subscribed_by_pattern() {
+        let s = subscription(&["events".into(), "orders".into()], "my.app-retry");
+        assert_eq!(s, vec!["events", "orders", "^my\\.app-retry-[0-9]+$"]);
+    }
 }

@@ -16,7 +16,8 @@ pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Rate-limits librdkafka's global errors by kind.
 #[derive(Debug, Default)]
 pub struct ErrorLimiter {
-    seen: Mutex<HashMap<String, (Instant, u64)>>,
+    /// Per kind: when it was last logged (never, at first) and the repeats since.
+    seen: Mutex<HashMap<String, (Option<Instant>, u64)>>,
 }
 
 impl ErrorLimiter {
@@ -29,15 +30,18 @@ impl ErrorLimiter {
         let repeats = {
             let mut seen = self.seen.lock();
             let now = Instant::now();
-            let entry = seen
-                .entry(kind.clone())
-                .or_insert((now - ERROR_LOG_INTERVAL * 2, 0));
-            if now.duration_since(entry.0) < ERROR_LOG_INTERVAL {
+            // No `Instant` arithmetic: `now - interval` panics on a host up for less than
+            // the interval, and this runs inside librdkafka's `extern "C"` callback.
+            let entry = seen.entry(kind.clone()).or_insert((None, 0));
+            if entry
+                .0
+                .is_some_and(|last| now.saturating_duration_since(last) < ERROR_LOG_INTERVAL)
+            {
                 entry.1 += 1;
                 return;
             }
             let repeats = entry.1;
-            *entry = (now, 0);
+            *entry = (Some(now), 0);
             repeats
         };
         let transient = matches!(

@@ -89,6 +89,10 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
             set("fetch.min.bytes", c.fetch_min_bytes.to_string());
             set("fetch.max.bytes", c.fetch_max_bytes.to_string());
             set("enable.partition.eof", "false".into());
+            set(
+                "partition.assignment.strategy",
+                c.assignment_strategy.as_str().into(),
+            );
         }
         ClientRole::Admin => {}
     }

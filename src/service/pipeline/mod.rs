@@ -1,0 +1,439 @@
+//! The consumer pipeline: one task that takes deliveries from the driver, passes each
+//! through its partition's retry gate (`partition`), bounds what is in flight in messages
+//! and bytes (pausing fetches when the bound holds), dispatches to key-hash worker lanes
+//! (`lanes`), tracks finished offsets per partition, commits the lowest unfinished one, and
+//! follows the group's assignments and revokes (`rebalance`). See DESIGN.md, guarantees 1
+//! to 7.
+
+mod lanes;
+mod partition;
+mod rebalance;
+mod summary;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{now_ms, Delivery};
+use crate::service::source::{ConsumerControl, Control, DeliveryBatch, Epoch, Tp};
+use crate::service::worker::{Job, Outcome, WorkerContext};
+
+use lanes::{Completion, LaneJob};
+use partition::{Admit, GateRules, Part};
+use rebalance::PendingRevoke;
+pub use summary::{PartitionSummary, Summary};
+
+/// Pipeline sizing and deadlines.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Worker lanes.
+    pub workers: usize,
+    /// Messages in flight at most.
+    pub max_in_flight: usize,
+    /// Bytes (key, payload, headers) in flight at most; one larger message is still taken
+    /// when nothing else is in flight.
+    pub max_in_flight_bytes: usize,
+    /// Commit cadence.
+    pub commit_interval: Duration,
+    /// How long shutdown and revoke wait for in-flight messages.
+    pub shutdown_timeout: Duration,
+    /// How long the in-flight bound must hold before the assigned partitions are paused
+    /// (`KAFKA_CONSUMER_PAUSE_AFTER_MS`). The bound itself never depends on it.
+    pub pause_after: Duration,
+    /// A due time further ahead than this is treated as malformed (due now), so a bogus
+    /// header cannot stall a partition.
+    pub max_due_ahead: Duration,
+}
+
+/// `now + d`, or a year from now when that does not fit (time arithmetic never panics).
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(86_400 * 365)))
+        .unwrap_or(now)
+}
+
+struct State {
+    cfg: PipelineConfig,
+    ctx: Arc<WorkerContext>,
+    control: Arc<dyn ConsumerControl>,
+    lanes: Vec<mpsc::Sender<LaneJob>>,
+    parts: HashMap<Tp, Part>,
+    in_flight: usize,
+    in_flight_bytes: usize,
+    backpressure: bool,
+    saturated_since: Option<Instant>,
+    draining: bool,
+    pause_dirty: bool,
+    pending: VecDeque<(Delivery, Epoch)>,
+    revoke: Option<PendingRevoke>,
+    summary: Summary,
+    topic_meters: HashMap<String, Arc<summary::TopicMeters>>,
+    round_robin: usize,
+}
+
+/// Runs the pipeline until `shutdown` is cancelled (or the driver stops), then drains
+/// in-flight messages up to the shutdown timeout, commits, and closes the driver.
+pub async fn run(
+    cfg: PipelineConfig,
+    ctx: Arc<WorkerContext>,
+    control: Arc<dyn ConsumerControl>,
+    mut events: mpsc::Receiver<Control>,
+    mut deliveries: mpsc::Receiver<DeliveryBatch>,
+    shutdown: CancellationToken,
+) -> Summary {
+    let (done_tx, mut done_rx) = mpsc::channel::<Completion>(cfg.max_in_flight + 1);
+    // A lane never holds more than the in-flight bound, so `try_send` to it cannot fail.
+    let lanes = lanes::spawn(cfg.workers, cfg.max_in_flight + 1, &ctx, &done_tx);
+    drop(done_tx);
+    let mut st = State::new(cfg.clone(), ctx.clone(), control, lanes);
+    let mut commit_tick = tokio::time::interval(cfg.commit_interval);
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let far = deadline_after(Duration::from_secs(86_400 * 365));
+    let mut drain_deadline = far;
+    let mut events_closed = false;
+    loop {
+        st.accept_pending();
+        st.apply_pauses();
+        if st.draining && st.in_flight == 0 {
+            break;
+        }
+        let can_read = !st.draining && st.pending.is_empty() && st.has_room();
+        let due_in = st
+            .next_due()
+            .map(|due| Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64));
+        let revoke_deadline = st.revoke.as_ref().map(|r| r.deadline);
+        let pressure_at = st.backpressure_deadline();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !st.draining => {
+                tracing::info!(in_flight = st.in_flight, "Shutting down: draining in-flight messages.");
+                st.start_draining();
+                drain_deadline = deadline_after(cfg.shutdown_timeout);
+            }
+            ev = events.recv(), if !events_closed => match ev {
+                Some(Control::Assigned(list)) => st.on_assigned(list),
+                Some(Control::Revoked { partitions, lost, reply }) => st.on_revoked(partitions, lost, reply),
+                None => {
+                    events_closed = true;
+                    if !st.draining {
+                        tracing::warn!("The consumer driver stopped; draining.");
+                        st.start_draining();
+                        drain_deadline = deadline_after(cfg.shutdown_timeout);
+                    }
+                }
+            },
+            Some(c) = done_rx.recv() => st.on_completion(c),
+            _ = tokio::time::sleep_until(revoke_deadline.unwrap_or(far)), if revoke_deadline.is_some() => {
+                tracing::warn!("Revoke timed out waiting for running messages; committing what is finished, the rest stays uncommitted for the next owner.");
+                st.finish_revoke();
+            }
+            _ = tokio::time::sleep(due_in.unwrap_or_default()), if due_in.is_some() => st.wake_due(),
+            _ = tokio::time::sleep_until(pressure_at.unwrap_or(far)), if pressure_at.is_some() => {}
+            _ = commit_tick.tick() => st.commit(),
+            _ = tokio::time::sleep_until(drain_deadline), if st.draining => {
+                tracing::warn!(in_flight = st.in_flight, "Shutdown timeout: unfinished messages stay uncommitted and are consumed again after a restart.");
+                break;
+            }
+            batch = deliveries.recv(), if can_read => match batch {
+                Some(b) => st.pending.extend(b),
+                None if !st.draining => {
+                    st.start_draining();
+                    drain_deadline = deadline_after(cfg.shutdown_timeout);
+                }
+                None => {}
+            },
+        }
+        st.maybe_finish_revoke();
+    }
+    ctx.abort.cancel();
+    // The driver may be blocked handing over a batch or a revoke: let go of both streams
+    // before asking it to close.
+    drop(deliveries);
+    drop(events);
+    st.finish(&mut done_rx).await
+}
+
+impl State {
+    fn new(
+        cfg: PipelineConfig,
+        ctx: Arc<WorkerContext>,
+        control: Arc<dyn ConsumerControl>,
+        lanes: Vec<mpsc::Sender<LaneJob>>,
+    ) -> Self {
+        State {
+            cfg,
+            ctx,
+            control,
+            lanes,
+            parts: HashMap::new(),
+            in_flight: 0,
+            in_flight_bytes: 0,
+            backpressure: false,
+            saturated_since: None,
+            draining: false,
+            pause_dirty: false,
+            pending: VecDeque::new(),
+            revoke: None,
+            summary: Summary::new(),
+            topic_meters: HashMap::new(),
+            round_robin: 0,
+        }
+    }
+
+    fn start_draining(&mut self) {
+        self.draining = true;
+        self.pending.clear();
+        self.pause_dirty = true;
+    }
+
+    /// Whether another message may go in flight: below both bounds (a message larger than
+    /// the byte bound is still taken when nothing else is in flight).
+    fn has_room(&self) -> bool {
+        self.in_flight < self.cfg.max_in_flight
+            && self.in_flight_bytes < self.cfg.max_in_flight_bytes
+    }
+
+    fn fits(&self, bytes: usize) -> bool {
+        self.in_flight == 0
+            || (self.in_flight < self.cfg.max_in_flight
+                && self.in_flight_bytes.saturating_add(bytes) <= self.cfg.max_in_flight_bytes)
+    }
+
+    fn accept_pending(&mut self) {
+        while !self.draining {
+            let Some((d, _)) = self.pending.front() else {
+                break;
+            };
+            if !self.fits(d.size_bytes()) {
+                break;
+            }
+            let Some((d, epoch)) = self.pending.pop_front() else {
+                break;
+            };
+            self.accept(d, epoch);
+        }
+        // The bounds hold because no delivery is taken beyond them. Pausing the partitions
+        // on top of that keeps the driver polling (callbacks, group liveness) during
+        // sustained saturation; a pause makes librdkafka drop what it prefetched, so a
+        // momentary peak must not trigger it.
+        let now = Instant::now();
+        let saturated = !self.pending.is_empty() || !self.has_room();
+        let relieved = self.in_flight <= self.cfg.max_in_flight / 2
+            && self.in_flight_bytes <= self.cfg.max_in_flight_bytes / 2;
+        if saturated && !self.draining {
+            let since = *self.saturated_since.get_or_insert(now);
+            if !self.backpressure && now.saturating_duration_since(since) >= self.cfg.pause_after {
+                self.backpressure = true;
+                self.pause_dirty = true;
+            }
+        } else if relieved {
+            self.saturated_since = None;
+            if self.backpressure {
+                self.backpressure = false;
+                self.pause_dirty = true;
+            }
+        }
+        self.ctx.metrics.in_flight.set(self.in_flight as i64);
+    }
+
+    /// When a sustained saturation should turn into paused partitions, if it may.
+    fn backpressure_deadline(&self) -> Option<Instant> {
+        match (self.backpressure, self.saturated_since) {
+            (false, Some(since)) => since.checked_add(self.cfg.pause_after),
+            _ => None,
+        }
+    }
+
+    fn accept(&mut self, d: Delivery, epoch: Epoch) {
+        let tp = Tp::new(d.topic.clone(), d.partition);
+        let Some(part) = self.parts.get_mut(&tp) else {
+            return; // not assigned (any more): its owner fetches it
+        };
+        let now = now_ms();
+        let rules = GateRules {
+            group: &self.ctx.group,
+            now_ms: now,
+            horizon_ms: now.saturating_add(
+                i64::try_from(self.cfg.max_due_ahead.as_millis()).unwrap_or(i64::MAX),
+            ),
+        };
+        let due_at_ms = match part.admit(&d, epoch, &rules, self.control.as_ref()) {
+            Admit::Drop => return,
+            Admit::Wait => {
+                self.pause_dirty = true;
+                return;
+            }
+            Admit::Skip => {
+                tracing::debug!(topic = %d.topic, partition = d.partition, offset = d.offset, "Skipped another consumer group's retry message.");
+                part.offsets.start(d.offset);
+                part.meters.received.inc();
+                part.stats.received += 1;
+                let (tp, generation) = (part.tp.clone(), part.generation);
+                self.in_flight += 1;
+                self.on_completion(Completion {
+                    tp,
+                    generation,
+                    offset: d.offset,
+                    bytes: 0,
+                    entered: None,
+                    outcome: Outcome::Skipped,
+                });
+                return;
+            }
+            Admit::Dispatch { due_at_ms } => due_at_ms,
+        };
+        let bytes = d.size_bytes();
+        part.offsets.start(d.offset);
+        part.meters.received.inc();
+        part.stats.received += 1;
+        self.in_flight += 1;
+        self.in_flight_bytes += bytes;
+        let job = LaneJob {
+            tp: part.tp.clone(),
+            generation: part.generation,
+            gate: part.gate.clone(),
+            bytes,
+            job: Job {
+                level: part.level,
+                due_at_ms,
+                delivery: d,
+            },
+        };
+        let lane = lanes::lane_of(
+            job.job.delivery.key.as_deref(),
+            self.lanes.len(),
+            &mut self.round_robin,
+        );
+        if let Err(e) = self.lanes[lane].try_send(job) {
+            // Unreachable while the bound holds; never drop silently.
+            tracing::error!(error = %e, "A worker lane refused a message; it stays uncommitted.");
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(c.bytes);
+        if let Some(gate) = &c.entered {
+            gate.leave();
+        }
+        match self.parts.get_mut(&*c.tp) {
+            Some(part) if part.generation == c.generation => {
+                part.stats.count(c.outcome);
+                if let Some(m) = part.meters.processed(c.outcome) {
+                    m.inc();
+                    part.offsets.finish(c.offset);
+                }
+            }
+            // The partition was revoked meanwhile: count it, nothing to commit.
+            _ => {
+                self.summary
+                    .entry((*c.tp).clone())
+                    .or_default()
+                    .count(c.outcome);
+                if c.outcome != Outcome::Abandoned {
+                    self.ctx
+                        .metrics
+                        .messages_processed
+                        .with_label_values(&[&c.tp.topic, c.outcome.label()])
+                        .inc();
+                }
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<i64> {
+        self.parts.values().filter_map(|p| p.waiting_until).min()
+    }
+
+    fn wake_due(&mut self) {
+        let now = now_ms();
+        for p in self.parts.values_mut() {
+            if p.waiting_until.is_some_and(|d| d <= now) {
+                p.waiting_until = None;
+                p.waiting_at = None;
+                self.pause_dirty = true;
+            }
+        }
+    }
+
+    fn apply_pauses(&mut self) {
+        if !self.pause_dirty {
+            return;
+        }
+        self.pause_dirty = false;
+        let pipeline_wide = self.backpressure || self.draining;
+        let mut paused = 0;
+        for (tp, p) in self.parts.iter_mut().filter(|(_, p)| !p.revoking) {
+            let want = p.wants_pause(pipeline_wide);
+            if want != p.paused {
+                if want {
+                    self.control.pause(tp, p.generation);
+                } else {
+                    self.control.resume(tp, p.generation);
+                }
+                p.paused = want;
+            }
+            paused += i64::from(p.paused);
+        }
+        self.ctx.metrics.paused_partitions.set(paused);
+    }
+
+    /// The commit point of every partition that is not being revoked.
+    fn commit_points(&self) -> Vec<(Tp, Epoch, i64)> {
+        self.parts
+            .iter()
+            .filter(|(_, p)| !p.revoking)
+            .filter_map(|(tp, p)| {
+                p.offsets
+                    .commit_point()
+                    .map(|o| (tp.clone(), p.generation, o))
+            })
+            .collect()
+    }
+
+    fn commit(&mut self) {
+        let mut offsets = Vec::new();
+        for (tp, p) in self.parts.iter_mut().filter(|(_, p)| !p.revoking) {
+            if p.offsets.needs_commit() {
+                if let Some(o) = p.offsets.commit_point() {
+                    p.offsets.mark_committed(o);
+                    offsets.push((tp.clone(), p.generation, o));
+                }
+            }
+        }
+        if !offsets.is_empty() {
+            self.control.commit(offsets);
+        }
+        self.ctx
+            .metrics
+            .dedupe_entries
+            .set(self.ctx.dedupe.len() as i64);
+        self.ctx.metrics.in_flight.set(self.in_flight as i64);
+    }
+
+    async fn finish(mut self, done_rx: &mut mpsc::Receiver<Completion>) -> Summary {
+        // Record whatever finished in the meantime, without waiting.
+        while let Ok(c) = done_rx.try_recv() {
+            self.on_completion(c);
+        }
+        self.finish_revoke();
+        let offsets = self.commit_points();
+        self.lanes.clear();
+        let parts: Vec<Part> = self.parts.drain().map(|(_, p)| p).collect();
+        for p in parts {
+            self.retire(p);
+        }
+        let control = self.control.clone();
+        let _ = tokio::task::spawn_blocking(move || control.close(offsets)).await;
+        self.ctx.metrics.in_flight.set(0);
+        summary::log(&self.summary);
+        self.summary
+    }
+}

@@ -1,0 +1,154 @@
+//! One assigned partition in the pipeline, and its retry gate: what happens to a delivery
+//! before it may go to a lane. A retry message that is not due yet makes the partition wait
+//! (seek back to it, pause, resume when due), so no worker sleeps and other partitions keep
+//! flowing; another group's retry message is skipped (DESIGN.md, guarantees 2 and 3).
+
+use std::sync::Arc;
+
+use crate::model::Delivery;
+use crate::service::offsets::PartitionOffsets;
+use crate::service::source::{ConsumerControl, Epoch, Tp};
+
+use super::lanes::Gate;
+use super::summary::{PartitionSummary, TopicMeters};
+
+/// One assignment of a partition.
+pub(super) struct Part {
+    pub(super) tp: Arc<Tp>,
+    pub(super) meters: Arc<TopicMeters>,
+    pub(super) stats: PartitionSummary,
+    /// Which assignment this is; every request to the driver names it.
+    pub(super) generation: Epoch,
+    /// Deliveries fetched under another epoch (before a seek) are dropped.
+    pub(super) fetch_epoch: Epoch,
+    /// Retry level of its topic (0 for a source topic).
+    pub(super) level: u32,
+    pub(super) offsets: PartitionOffsets,
+    /// Due time of the retry message it waits for.
+    pub(super) waiting_until: Option<i64>,
+    /// The offset the partition was seeked back to while it waits.
+    pub(super) waiting_at: Option<i64>,
+    pub(super) revoking: bool,
+    pub(super) paused: bool,
+    pub(super) gate: Arc<Gate>,
+}
+
+/// What the retry gate decided for a delivery.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Admit {
+    /// Fetched before a seek, under an earlier assignment, or while revoking: not ours.
+    Drop,
+    /// A retry message not due yet: the partition now waits for it.
+    Wait,
+    /// Another consumer group's retry message: finished without processing.
+    Skip,
+    /// To a lane, with the message's due time if it had one.
+    Dispatch { due_at_ms: Option<i64> },
+}
+
+/// Where the gate gets the time and what it may trust.
+pub(super) struct GateRules<'a> {
+    /// This consumer's group.
+    pub(super) group: &'a str,
+    /// Epoch milliseconds now.
+    pub(super) now_ms: i64,
+    /// A due time beyond this is treated as malformed (due now).
+    pub(super) horizon_ms: i64,
+}
+
+impl Part {
+    pub(super) fn new(tp: Tp, generation: Epoch, level: u32, meters: Arc<TopicMeters>) -> Self {
+        Part {
+            tp: Arc::new(tp),
+            meters,
+            stats: PartitionSummary::default(),
+            generation,
+            fetch_epoch: generation,
+            level,
+            offsets: PartitionOffsets::new(),
+            waiting_until: None,
+            waiting_at: None,
+            revoking: false,
+            paused: false,
+            gate: Arc::new(Gate::default()),
+        }
+    }
+
+    /// The retry gate.
+    pub(super) fn admit(
+        &mut self,
+        d: &Delivery,
+        epoch: Epoch,
+        rules: &GateRules<'_>,
+        control: &dyn ConsumerControl,
+    ) -> Admit {
+        if self.fetch_epoch != epoch || self.revoking {
+            return Admit::Drop;
+        }
+        if let Some(offset) = self.waiting_at {
+            // A delivery after the seek while the partition waits: librdkafka counted it
+            // as consumed, so seek back again or the resume would skip it.
+            self.fetch_epoch = control.seek(&self.tp, self.generation, offset);
+            return Admit::Drop;
+        }
+        if self.level == 0 {
+            return Admit::Dispatch { due_at_ms: None };
+        }
+        let h = d.courier_headers();
+        if !h.malformed.is_empty() {
+            tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, headers = ?h.malformed, "Malformed courier headers are treated as absent.");
+        }
+        if h.consumer_group
+            .as_deref()
+            .is_some_and(|g| g != rules.group)
+        {
+            return Admit::Skip;
+        }
+        match h.due_at_ms {
+            Some(due) if due > rules.horizon_ms => {
+                tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, due_at_ms = due, "A due time beyond any configured delay is treated as due now.");
+                Admit::Dispatch { due_at_ms: None }
+            }
+            Some(due) if due > rules.now_ms => {
+                self.fetch_epoch = control.seek(&self.tp, self.generation, d.offset);
+                self.waiting_until = Some(due);
+                self.waiting_at = Some(d.offset);
+                Admit::Wait
+            }
+            other => Admit::Dispatch { due_at_ms: other },
+        }
+    }
+
+    /// Whether fetching should be paused, given the pipeline-wide reasons.
+    pub(super) fn wants_pause(&self, pipeline_wide: bool) -> bool {
+        pipeline_wide || self.waiting_until.is_some()
+    }
+}
+
+/// The retry level of `topic`: `N` for `{prefix}-N` (any N ≥ 1, also above
+/// `KAFKA_CONSUMER_RETRY_MAX`, so a failure there goes to the DLQ as exhausted), else 0.
+pub(super) fn retry_level(prefix: &str, topic: &str) -> u32 {
+    let Some(rest) = topic.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) else {
+        return 0;
+    };
+    match rest.parse::<u32>() {
+        Ok(n) if n >= 1 && rest.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_levels_above_the_configured_maximum_are_recognised() {
+        assert_eq!(retry_level("ev-retry", "ev-retry-1"), 1);
+        assert_eq!(retry_level("ev-retry", "ev-retry-7"), 7);
+        assert_eq!(retry_level("ev-retry", "ev"), 0);
+        assert_eq!(retry_level("ev-retry", "ev-retry-0"), 0);
+        assert_eq!(retry_level("ev-retry", "ev-retry-+1"), 0);
+        assert_eq!(retry_level("ev-retry", "ev-retry-1x"), 0);
+        assert_eq!(retry_level("ev-retry", "ev-retryx-1"), 0);
+    }
+}

@@ -1,0 +1,111 @@
+//! What the pipeline did, per topic and partition (the shutdown summary), and the metric
+//! handles of one topic, resolved once instead of per message.
+
+use std::collections::BTreeMap;
+
+use prometheus::IntCounter;
+
+use crate::service::source::Tp;
+use crate::service::worker::Outcome;
+
+/// Per-partition counts for the shutdown summary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionSummary {
+    /// Messages accepted for processing.
+    pub received: u64,
+    /// Processed successfully.
+    pub ok: u64,
+    /// Sent to a retry topic.
+    pub retried: u64,
+    /// Sent to the DLQ.
+    pub dead_lettered: u64,
+    /// Skipped as duplicates.
+    pub duplicates: u64,
+    /// Skipped as other groups' retries.
+    pub skipped: u64,
+    /// Left unfinished at shutdown or revoke (consumed again by the next owner).
+    pub abandoned: u64,
+}
+
+/// What the pipeline did, per topic and partition.
+pub type Summary = BTreeMap<Tp, PartitionSummary>;
+
+impl PartitionSummary {
+    pub(super) fn count(&mut self, o: Outcome) {
+        match o {
+            Outcome::Ok => self.ok += 1,
+            Outcome::Retried(_) => self.retried += 1,
+            Outcome::DeadLettered => self.dead_lettered += 1,
+            Outcome::Duplicate => self.duplicates += 1,
+            Outcome::Skipped => self.skipped += 1,
+            Outcome::Abandoned => self.abandoned += 1,
+        }
+    }
+
+    pub(super) fn add(&mut self, o: &PartitionSummary) {
+        self.received += o.received;
+        self.ok += o.ok;
+        self.retried += o.retried;
+        self.dead_lettered += o.dead_lettered;
+        self.duplicates += o.duplicates;
+        self.skipped += o.skipped;
+        self.abandoned += o.abandoned;
+    }
+}
+
+/// Metric handles of one topic, resolved once instead of per message.
+pub(super) struct TopicMeters {
+    pub(super) received: IntCounter,
+    processed: [IntCounter; 5],
+}
+
+impl TopicMeters {
+    pub(super) fn new(metrics: &crate::observability::Metrics, topic: &str) -> Self {
+        let p = |o: Outcome| {
+            metrics
+                .messages_processed
+                .with_label_values(&[topic, o.label()])
+        };
+        TopicMeters {
+            received: metrics.messages_received.with_label_values(&[topic]),
+            processed: [
+                p(Outcome::Ok),
+                p(Outcome::Retried(1)),
+                p(Outcome::DeadLettered),
+                p(Outcome::Duplicate),
+                p(Outcome::Skipped),
+            ],
+        }
+    }
+
+    /// The counter of a finished outcome; `None` for an unfinished one.
+    pub(super) fn processed(&self, o: Outcome) -> Option<&IntCounter> {
+        match o {
+            Outcome::Ok => Some(&self.processed[0]),
+            Outcome::Retried(_) => Some(&self.processed[1]),
+            Outcome::DeadLettered => Some(&self.processed[2]),
+            Outcome::Duplicate => Some(&self.processed[3]),
+            Outcome::Skipped => Some(&self.processed[4]),
+            Outcome::Abandoned => None,
+        }
+    }
+}
+
+/// Logs the consumer summary and one line per partition.
+pub(super) fn log(summary: &Summary) {
+    let sum = |f: fn(&PartitionSummary) -> u64| summary.values().map(f).sum::<u64>();
+    tracing::info!(
+        partitions = summary.len(),
+        received = sum(|s| s.received),
+        ok = sum(|s| s.ok),
+        retried = sum(|s| s.retried),
+        dead_lettered = sum(|s| s.dead_lettered),
+        duplicates = sum(|s| s.duplicates),
+        skipped = sum(|s| s.skipped),
+        abandoned = sum(|s| s.abandoned),
+        "Consumer summary."
+    );
+    for (tp, s) in summary {
+        tracing::info!(topic = %tp.topic, partition = tp.partition, received = s.received, ok = s.ok, retried = s.retried, dead_lettered = s.dead_lettered, duplicates = s.duplicates, skipped = s.skipped, abandoned = s.abandoned, "Partition summary.");
+    }
+}
