@@ -135,6 +135,14 @@ impl Delivery {
         header_value(&self.headers, name)
     }
 
+    /// The first value of the header whose name is exactly these bytes.
+    pub fn header_raw(&self, name: &[u8]) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.as_bytes() == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
     /// The `message-id` header as UTF-8 text, if present, non-empty and valid.
     pub fn message_id(&self) -> Option<&str> {
         self.header(HEADER_MESSAGE_ID)

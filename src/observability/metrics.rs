@@ -37,6 +37,11 @@ pub struct Metrics {
     pub dedupe_entries: IntGauge,
     /// `courier_broker_up`.
     pub broker_up: IntGauge,
+    /// `courier_assigned_partitions`: partitions this consumer owns (source and retry topics).
+    pub assigned_partitions: IntGauge,
+    /// `courier_rebalance_partitions_total{kind}`: partitions assigned to, revoked from or
+    /// lost by this consumer as the group moves them.
+    pub rebalance_partitions: IntCounterVec,
     /// `courier_held_messages`: messages holding their partition because their retry or
     /// DLQ publish fails for a reason that will not heal by itself.
     pub held_messages: IntGauge,
@@ -152,6 +157,18 @@ impl Metrics {
             broker_up: reg!(IntGauge::with_opts(
                 Opts::new("broker_up", "1 while the broker answers metadata probes.")
                     .namespace("courier")
+            )),
+            assigned_partitions: reg!(IntGauge::with_opts(
+                Opts::new(
+                    "assigned_partitions",
+                    "Partitions this consumer owns (source and retry topics)."
+                )
+                .namespace("courier")
+            )),
+            rebalance_partitions: reg!(counter_vec(
+                "rebalance_partitions_total",
+                "Partitions assigned to, revoked from or lost by this consumer (kind).",
+                &["kind"]
             )),
             held_messages: reg!(IntGauge::with_opts(
                 Opts::new(

@@ -196,6 +196,7 @@ impl DriverContext {
                 .collect()
         };
         self.readiness.set_group_joined(true);
+        self.count_partitions("assigned", list.len());
         if !list.is_empty() {
             let _ = self.events.blocking_send(Control::Assigned(list));
         }
@@ -220,6 +221,7 @@ impl DriverContext {
             self.handshake(consumer, &partitions, lost);
         }
         self.forget(&partitions);
+        self.count_partitions(if lost { "lost" } else { "revoked" }, partitions.len());
         let released = if cooperative {
             consumer.incremental_unassign(tpl)
         } else {
@@ -253,6 +255,15 @@ impl DriverContext {
         }
     }
 
+    fn count_partitions(&self, kind: &str, n: usize) {
+        self.metrics
+            .rebalance_partitions
+            .with_label_values(&[kind])
+            .inc_by(n as u64);
+        let owned = self.shared.assigned.lock().len();
+        self.metrics.assigned_partitions.set(owned as i64);
+    }
+
     fn forget(&self, partitions: &[Tp]) {
         let mut assigned = self.shared.assigned.lock();
         let mut commands = self.shared.commands.lock();
@@ -281,6 +292,7 @@ impl DriverContext {
             self.handshake(consumer, &current, true);
         }
         self.forget(&current);
+        self.count_partitions("lost", current.len());
         let released = if cooperative {
             consumer
                 .assignment()
