@@ -133,7 +133,7 @@ async fn a_waiting_retry_survives_its_partition_coming_back_to_the_same_member()
     let other = format!("{}-other", k.source);
     k.broker.create_topic(&other, 1).expect("topic");
     let p = ScriptedProcessor::new();
-    p.script("w", vec![Step::Retry("down".into()), Step::Ok]);
+    p.script("w", vec![Step::Retry("down"), Step::Ok]);
     let (running, shutdown) = consumer(
         &k,
         &p,
@@ -190,7 +190,7 @@ async fn a_waiting_retry_is_processed_once_by_whichever_member_owns_it() {
     let mut ids = Vec::new();
     for i in 0..8 {
         let id = format!("w{i}");
-        p.script(&id, vec![Step::Retry("down".into()), Step::Ok]);
+        p.script(&id, vec![Step::Retry("down"), Step::Ok]);
         ids.push(id);
     }
     let env = [("KAFKA_RETRY_BACKOFF", "6s")];
@@ -248,7 +248,7 @@ async fn a_waiting_retry_is_processed_once_by_whichever_member_owns_it() {
 async fn a_header_name_that_is_not_utf8_is_kept_byte_for_byte() {
     let k = TestKafka::new(1);
     let p = ScriptedProcessor::new();
-    p.script("poison-fatal", vec![Step::Fatal("scripted".into())]);
+    p.script("poison-fatal", vec![Step::Fatal("scripted")]);
     let raw_name: &[u8] = b"bad\xffkey";
     let poison = |id: &str| {
         (
@@ -326,7 +326,7 @@ async fn a_missing_dlq_holds_visibly_and_recovers_once_created() {
     let k = TestKafka::new(1);
     let dlq = format!("{}-missing", k.dlq);
     let p = ScriptedProcessor::new();
-    p.script("bad", vec![Step::Fatal("scripted".into())]);
+    p.script("bad", vec![Step::Fatal("scripted")]);
     let (running, shutdown) = consumer(
         &k,
         &p,
@@ -383,7 +383,7 @@ async fn a_missing_dlq_holds_visibly_and_recovers_once_created() {
 async fn retry_topics_above_the_maximum_are_not_stranded() {
     let k = TestKafka::new(1);
     let p = ScriptedProcessor::new();
-    p.script("high-fail", vec![Step::Retry("still down".into())]);
+    p.script("high-fail", vec![Step::Retry("still down")]);
     let msg = |id: &str| {
         (
             None,
