@@ -41,12 +41,12 @@ pub struct Metrics {
     pub dedupe_entries: IntGauge,
     /// `courier_broker_up`.
     pub broker_up: IntGauge,
-    /// `courier_ready`: 1 while `/readyz` would answer 200, kept by `Readiness`.
-    pub ready: IntGauge,
     /// `courier_http_requests_total{route,status}`: ingest API requests by matched route.
     pub http_requests: IntCounterVec,
     /// `courier_commits_total{result}`: offset commits, ok or error.
     pub commits: IntCounterVec,
+    /// `courier_ready`: 1 while `/readyz` would answer 200, kept by `Readiness`.
+    pub ready: IntGauge,
     families: Arc<[Family]>,
 }
 
@@ -178,13 +178,6 @@ impl Metrics {
                 Opts::new("broker_up", "1 while the broker answers metadata probes.")
                     .namespace("courier")
             )),
-            ready: reg!(IntGauge::with_opts(
-                Opts::new(
-                    "ready",
-                    "1 while /readyz answers 200 (broker reachable; consumer: group joined)."
-                )
-                .namespace("courier")
-            )),
             http_requests: reg!(counter_vec(
                 "http_requests_total",
                 "Ingest API requests by matched route and status.",
@@ -194,6 +187,13 @@ impl Metrics {
                 "commits_total",
                 "Offset commits by result.",
                 &["result"]
+            )),
+            ready: reg!(IntGauge::with_opts(
+                Opts::new(
+                    "ready",
+                    "1 while /readyz answers 200 (broker reachable; consumer: group joined)."
+                )
+                .namespace("courier")
             )),
             registry,
             families: families.into(),

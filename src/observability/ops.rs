@@ -25,9 +25,9 @@ pub struct Readiness {
     group_joined: AtomicBool,
     consecutive_failures: AtomicU64,
     last_error: Mutex<String>,
+    metrics: Metrics,
     /// Serializes updates of `courier_ready`, so the last writer saw the latest state.
     ready_gauge: Mutex<()>,
-    metrics: Metrics,
 }
 
 impl Readiness {
@@ -40,8 +40,8 @@ impl Readiness {
             group_joined: AtomicBool::new(false),
             consecutive_failures: AtomicU64::new(0),
             last_error: Mutex::new("the broker has not been probed yet".into()),
-            ready_gauge: Mutex::new(()),
             metrics,
+            ready_gauge: Mutex::new(()),
         })
     }
 
