@@ -1,6 +1,10 @@
 //! The Prometheus registry with every metric name of DESIGN.md (prefix `courier_`).
 //! Labels never carry message ids or other unbounded values.
 
+use std::sync::Arc;
+
+use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -49,6 +53,20 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// `courier_commits_total{result}`: offset commits, ok or error.
     pub commits: IntCounterVec,
+    /// `courier_ready`: 1 while `/readyz` would answer 200, kept by `Readiness`.
+    pub ready: IntGauge,
+    families: Arc<[Family]>,
+}
+
+/// A registered metric family as it is exported: what dashboards and alert rules may use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Family {
+    /// The full name, `courier_...` (a histogram's series add `_bucket`, `_sum`, `_count`).
+    pub name: String,
+    /// Counter, gauge or histogram.
+    pub kind: MetricType,
+    /// The label names the family is split by (none for a plain metric).
+    pub labels: Vec<String>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -72,12 +90,22 @@ impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
         let registry = Registry::new();
+        let mut families = Vec::new();
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("metric definition is valid");
                 registry
                     .register(Box::new(m.clone()))
                     .expect("metric names are unique");
+                // A vec with no children yet is left out of `gather()`, so the families are
+                // read from each collector's own description instead.
+                for (desc, family) in m.desc().into_iter().zip(m.collect()) {
+                    families.push(Family {
+                        name: desc.fq_name.clone(),
+                        kind: family.get_field_type(),
+                        labels: desc.variable_labels.clone(),
+                    });
+                }
                 m
             }};
         }
@@ -187,8 +215,22 @@ impl Metrics {
                 "Offset commits by result.",
                 &["result"]
             )),
+            ready: reg!(IntGauge::with_opts(
+                Opts::new(
+                    "ready",
+                    "1 while /readyz answers 200 (broker reachable; consumer: group joined)."
+                )
+                .namespace("courier")
+            )),
             registry,
+            families: families.into(),
         }
+    }
+
+    /// Every registered family, including labelled ones that have no series yet: the names
+    /// a dashboard or an alert rule may use (`tests/ops_kit.rs` checks `deploy/` against it).
+    pub fn families(&self) -> &[Family] {
+        &self.families
     }
 
     /// The text exposition of every metric.
@@ -241,8 +283,35 @@ mod tests {
             "courier_paused_partitions",
             "courier_dedupe_entries",
             "courier_broker_up",
+            "courier_ready",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
+        }
+    }
+
+    #[test]
+    fn families_list_every_registered_metric_before_its_first_sample() {
+        let m = Metrics::new();
+        let fams = m.families();
+        let find = |name: &str| fams.iter().find(|f| f.name == name);
+        let lag = find("courier_consumer_lag").expect("a vec with no series is listed");
+        assert_eq!(lag.kind, MetricType::GAUGE);
+        assert_eq!(lag.labels, ["topic", "partition"]);
+        let lateness = find("courier_retry_lateness_seconds").expect("histogram listed");
+        assert_eq!(lateness.kind, MetricType::HISTOGRAM);
+        assert_eq!(
+            find("courier_ready").map(|f| f.kind),
+            Some(MetricType::GAUGE)
+        );
+        assert!(find("courier_no_such_metric").is_none());
+        // Whatever the registry exports is listed.
+        m.messages_processed.with_label_values(&["t", "ok"]).inc();
+        for family in m.registry().gather() {
+            assert!(
+                find(family.name()).is_some(),
+                "{} not listed",
+                family.name()
+            );
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Readiness {
     /// Messages holding their partition, by `topic/partition@offset`, with the reason.
     held: Mutex<std::collections::BTreeMap<String, String>>,
     metrics: Metrics,
+    /// Serializes updates of `courier_ready`, so the last writer saw the latest state.
+    ready_gauge: Mutex<()>,
 }
 
 impl Readiness {
@@ -42,6 +44,7 @@ impl Readiness {
             last_error: Mutex::new("the broker has not been probed yet".into()),
             held: Mutex::new(std::collections::BTreeMap::new()),
             metrics,
+            ready_gauge: Mutex::new(()),
         })
     }
 
@@ -50,6 +53,7 @@ impl Readiness {
         self.broker_up.store(true, Ordering::SeqCst);
         self.consecutive_failures.store(0, Ordering::SeqCst);
         self.metrics.broker_up.set(1);
+        self.update_ready_gauge();
     }
 
     /// Records a failed broker probe; returns the consecutive failure count.
@@ -57,7 +61,9 @@ impl Readiness {
         self.broker_up.store(false, Ordering::SeqCst);
         *self.last_error.lock() = reason.to_owned();
         self.metrics.broker_up.set(0);
-        self.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::SeqCst) + 1;
+        self.update_ready_gauge();
+        failures
     }
 
     /// Whether the last probe reached the broker.
@@ -68,6 +74,13 @@ impl Readiness {
     /// Sets whether the consumer currently holds a group membership.
     pub fn set_group_joined(&self, joined: bool) {
         self.group_joined.store(joined, Ordering::SeqCst);
+        self.update_ready_gauge();
+    }
+
+    /// Sets `courier_ready` to what `/readyz` answers now (called after every state change).
+    fn update_ready_gauge(&self) {
+        let _serialized = self.ready_gauge.lock();
+        self.metrics.ready.set(i64::from(self.check().is_ok()));
     }
 
     /// `Ok` when ready, else the reason.
@@ -161,4 +174,52 @@ pub async fn serve_ops(
             .await;
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// `/readyz`'s status and `courier_ready` after each step, for a consumer's readiness.
+    async fn observe(app: &Router, metrics: &Metrics) -> (u16, i64) {
+        let resp = app
+            .clone()
+            .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        (resp.status().as_u16(), metrics.ready.get())
+    }
+
+    #[tokio::test]
+    async fn ready_gauge_follows_every_readiness_change() {
+        let metrics = Metrics::new();
+        let readiness = Readiness::new(metrics.clone(), true);
+        let app = router(metrics.clone(), readiness.clone());
+        assert_eq!(observe(&app, &metrics).await, (503, 0), "before any probe");
+        readiness.broker_ok();
+        assert_eq!(observe(&app, &metrics).await, (503, 0), "group not joined");
+        readiness.set_group_joined(true);
+        assert_eq!(observe(&app, &metrics).await, (200, 1), "broker up, joined");
+        readiness.broker_failed("connection refused");
+        assert_eq!(observe(&app, &metrics).await, (503, 0), "broker down");
+        readiness.broker_ok();
+        assert_eq!(observe(&app, &metrics).await, (200, 1), "broker back");
+        readiness.set_group_joined(false);
+        assert_eq!(observe(&app, &metrics).await, (503, 0), "group lost");
+        assert!(metrics.render().contains("\ncourier_ready 0\n"));
+    }
+
+    #[tokio::test]
+    async fn a_producer_is_ready_on_its_first_successful_probe() {
+        let metrics = Metrics::new();
+        let readiness = Readiness::new(metrics.clone(), false);
+        let app = router(metrics.clone(), readiness.clone());
+        assert_eq!(observe(&app, &metrics).await, (503, 0));
+        readiness.broker_ok();
+        assert_eq!(observe(&app, &metrics).await, (200, 1));
+        assert!(metrics.render().contains("\ncourier_ready 1\n"));
+    }
 }
