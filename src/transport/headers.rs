@@ -30,7 +30,9 @@ pub fn read(headers: &BorrowedHeaders) -> Headers {
         // SAFETY: `native` is the live header list behind `headers` (rdkafka hands out
         // `&BorrowedHeaders` as a cast of exactly this pointer), `idx` is below its count,
         // and the out-pointers are valid locals.
-        let err = unsafe { rdsys::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size) };
+        let err = unsafe {
+            rdsys::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size)
+        };
         if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
             continue;
         }
@@ -77,7 +79,10 @@ mod tests {
     #[test]
     fn names_and_values_of_any_bytes_round_trip() {
         let headers: Headers = vec![
-            (HeaderKey::from(b"bad\xffkey".as_slice()), Some(b"v".to_vec())),
+            (
+                HeaderKey::from(b"bad\xffkey".as_slice()),
+                Some(b"v".to_vec()),
+            ),
             ("message-id".into(), Some(b"m-1".to_vec())),
             ("null".into(), None),
             ("empty".into(), Some(Vec::new())),

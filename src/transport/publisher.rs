@@ -135,8 +135,8 @@ pub fn classify(err: &KafkaError) -> PublishFailure {
 impl Publisher for KafkaPublisher {
     async fn publish(&self, record: OutgoingRecord) -> Result<Ack, PublishError> {
         let producer = self.current();
-        let mut fr: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&record.topic).headers(crate::transport::headers::write(&record.headers));
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic)
+            .headers(crate::transport::headers::write(&record.headers));
         if let Some(k) = &record.key {
             fr = fr.key(k.as_slice());
         }
