@@ -108,15 +108,22 @@ impl Readiness {
 
 impl crate::service::holds::Holds for Readiness {
     fn hold(&self, key: &str, reason: &str) {
-        let mut held = self.held.lock();
-        held.insert(key.to_owned(), reason.to_owned());
-        self.metrics.held_messages.set(held.len() as i64);
+        {
+            let mut held = self.held.lock();
+            held.insert(key.to_owned(), reason.to_owned());
+            self.metrics.held_messages.set(held.len() as i64);
+        }
+        // After the lock is released: `check()` takes it too.
+        self.update_ready_gauge();
     }
 
     fn release(&self, key: &str) {
-        let mut held = self.held.lock();
-        held.remove(key);
-        self.metrics.held_messages.set(held.len() as i64);
+        {
+            let mut held = self.held.lock();
+            held.remove(key);
+            self.metrics.held_messages.set(held.len() as i64);
+        }
+        self.update_ready_gauge();
     }
 }
 
@@ -221,5 +228,22 @@ mod tests {
         readiness.broker_ok();
         assert_eq!(observe(&app, &metrics).await, (200, 1));
         assert!(metrics.render().contains("\ncourier_ready 1\n"));
+    }
+
+    #[tokio::test]
+    async fn a_held_message_makes_readiness_fail_until_released() {
+        use crate::service::holds::Holds;
+        let metrics = Metrics::new();
+        let readiness = Readiness::new(metrics.clone(), false);
+        let app = router(metrics.clone(), readiness.clone());
+        readiness.broker_ok();
+        readiness.hold("ev/0@7", "its publish to ev-dlq fails: unknown topic");
+        assert_eq!(observe(&app, &metrics).await, (503, 0));
+        let reason = readiness.check().unwrap_err();
+        assert!(reason.contains("ev/0@7: its publish to ev-dlq fails"), "{reason}");
+        assert_eq!(metrics.held_messages.get(), 1);
+        readiness.release("ev/0@7");
+        assert_eq!(observe(&app, &metrics).await, (200, 1));
+        assert_eq!(metrics.held_messages.get(), 0);
     }
 }
