@@ -240,7 +240,10 @@ mod tests {
         readiness.hold("ev/0@7", "its publish to ev-dlq fails: unknown topic");
         assert_eq!(observe(&app, &metrics).await, (503, 0));
         let reason = readiness.check().unwrap_err();
-        assert!(reason.contains("ev/0@7: its publish to ev-dlq fails"), "{reason}");
+        assert!(
+            reason.contains("ev/0@7: its publish to ev-dlq fails"),
+            "{reason}"
+        );
         assert_eq!(metrics.held_messages.get(), 1);
         readiness.release("ev/0@7");
         assert_eq!(observe(&app, &metrics).await, (200, 1));
