@@ -66,9 +66,25 @@ impl Commands {
     }
 }
 
+/// Commits that failed (a rebalance in progress, a generation that just changed): tried
+/// again, at most every [`COMMIT_RETRY`], while the same assignment holds the partition.
+/// Otherwise a partition whose commit point stopped moving would stay uncommitted until
+/// the next owner re-read it.
+#[derive(Default)]
+struct FailedCommits {
+    /// The generation each partition's last commit was issued under.
+    issued: HashMap<Tp, Epoch>,
+    retry: BTreeMap<Tp, (Epoch, i64)>,
+    last_retry: Option<std::time::Instant>,
+}
+
+/// How often failed commits are tried again.
+const COMMIT_RETRY: Duration = Duration::from_secs(1);
+
 struct Shared {
     commands: Mutex<Commands>,
     assigned: Mutex<HashMap<Tp, Assigned>>,
+    failed: Mutex<FailedCommits>,
     next_epoch: AtomicU64,
     closing: AtomicBool,
 }
@@ -84,6 +100,65 @@ impl Shared {
             .lock()
             .get(tp)
             .is_some_and(|a| a.generation == generation)
+    }
+
+    /// Commits to issue now: the requested ones, plus failed ones due for another try; all
+    /// of live assignments only.
+    fn commits_to_issue(&self, requested: BTreeMap<Tp, (Epoch, i64)>) -> Vec<(Tp, i64)> {
+        let mut failed = self.failed.lock();
+        let mut all = requested;
+        let due = failed
+            .last_retry
+            .is_none_or(|t| t.elapsed() >= COMMIT_RETRY);
+        if due && !failed.retry.is_empty() {
+            failed.last_retry = Some(std::time::Instant::now());
+            for (tp, c) in std::mem::take(&mut failed.retry) {
+                all.entry(tp).or_insert(c);
+            }
+        }
+        let live: Vec<(Tp, Epoch, i64)> = {
+            let assigned = self.assigned.lock();
+            all.into_iter()
+                .filter(|(tp, (g, _))| assigned.get(tp).is_some_and(|a| a.generation == *g))
+                .map(|(tp, (g, o))| (tp, g, o))
+                .collect()
+        };
+        for (tp, g, _) in &live {
+            failed.issued.insert(tp.clone(), *g);
+        }
+        live.into_iter().map(|(tp, _, o)| (tp, o)).collect()
+    }
+
+    /// Keeps offsets whose commit could not even be queued for another try.
+    fn requeue(&self, offsets: Vec<(Tp, i64)>) {
+        let mut failed = self.failed.lock();
+        let assigned = self.assigned.lock();
+        for (tp, o) in offsets {
+            if let Some(a) = assigned.get(&tp) {
+                let slot = failed.retry.entry(tp).or_insert((a.generation, o));
+                slot.1 = slot.1.max(o);
+            }
+        }
+    }
+
+    /// Keeps the failed offsets of `tpl` for another try, where the assignment that issued
+    /// them still holds the partition.
+    fn commit_failed(&self, tpl: &TopicPartitionList, all: bool) {
+        let mut failed = self.failed.lock();
+        let assigned = self.assigned.lock();
+        for e in tpl.elements().iter().filter(|e| all || e.error().is_err()) {
+            let Offset::Offset(o) = e.offset() else {
+                continue;
+            };
+            let tp = Tp::new(e.topic(), e.partition());
+            let Some(g) = failed.issued.get(&tp).copied() else {
+                continue;
+            };
+            if assigned.get(&tp).is_some_and(|a| a.generation == g) {
+                let slot = failed.retry.entry(tp).or_insert((g, o));
+                slot.1 = slot.1.max(o);
+            }
+        }
     }
 
     /// The offsets of live assignments only.
@@ -328,13 +403,29 @@ impl ConsumerContext for DriverContext {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.metrics.commits.with_label_values(&["ok"]).inc(),
-            Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) = result
+        {
+            return;
+        }
+        // librdkafka may report partition errors (a rebalance in progress, a generation that
+        // just changed) with a successful request: look at every partition.
+        let failed = offsets.elements().iter().any(|e| e.error().is_err());
+        match (&result, failed) {
+            (Ok(()), false) => self.metrics.commits.with_label_values(&["ok"]).inc(),
+            _ => {
                 self.metrics.commits.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, "An offset commit failed; a later commit covers it.");
+                let error = match &result {
+                    Err(e) => e.to_string(),
+                    Ok(()) => offsets
+                        .elements()
+                        .iter()
+                        .find_map(|e| e.error().err())
+                        .map(|e| e.to_string())
+                        .unwrap_or_default(),
+                };
+                tracing::warn!(error, "An offset commit failed (usually during a rebalance); it is tried again while this member owns the partitions.");
+                self.shared.commit_failed(offsets, result.is_err());
             }
         }
     }
@@ -417,6 +508,7 @@ pub fn start(
     let shared = Arc::new(Shared {
         commands: Mutex::new(Commands::default()),
         assigned: Mutex::new(HashMap::new()),
+        failed: Mutex::new(FailedCommits::default()),
         next_epoch: AtomicU64::new(1),
         closing: AtomicBool::new(false),
     });
@@ -483,6 +575,37 @@ fn subscription(sources: &[String], retry_prefix: &str) -> Vec<String> {
     pattern.push_str("-[0-9]+$");
     topics.push(pattern);
     topics
+}
+
+/// Commits `offsets` without waiting, with the result reported to
+/// [`ConsumerContext::commit_callback`]. rdkafka's `commit(.., CommitMode::Async)` leaves the
+/// result unreported (librdkafka reports a manual asynchronous commit only to an
+/// `offset_commit_cb` or a reply queue, and rdkafka sets neither), so a failed commit would
+/// go unseen and never be retried: the reply goes to the consumer queue instead, which
+/// `poll` serves as an offset-commit event.
+fn commit_async(consumer: &BaseConsumer<DriverContext>, offsets: &TopicPartitionList) {
+    use rdkafka::bindings as rdsys;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is the live client of `consumer`; the queue reference is released below
+    // (librdkafka keeps its own for the reply); `offsets` is copied by librdkafka.
+    let err = unsafe {
+        let queue = rdsys::rd_kafka_queue_get_consumer(rk);
+        let err =
+            rdsys::rd_kafka_commit_queue(rk, offsets.ptr(), queue, None, std::ptr::null_mut());
+        rdsys::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        let code: rdkafka::error::RDKafkaErrorCode = err.into();
+        tracing::warn!(error = %code, "Queuing an offset commit failed; it is tried again.");
+        let mut commits = Vec::new();
+        for e in offsets.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                commits.push((Tp::new(e.topic(), e.partition()), o));
+            }
+        }
+        consumer.context().shared.requeue(commits);
+    }
 }
 
 fn partition_list(tps: &[Tp]) -> TopicPartitionList {
@@ -552,11 +675,9 @@ fn apply_commands(
             tracing::warn!(error = %e, "Resuming partitions failed.");
         }
     }
-    let commits = shared.live_offsets(cmds.commit.into_iter().map(|(tp, (g, o))| (tp, g, o)));
+    let commits = shared.commits_to_issue(cmds.commit);
     if !commits.is_empty() {
-        if let Err(e) = consumer.commit(&tpl_of(&commits), CommitMode::Async) {
-            tracing::warn!(error = %e, "Queuing an offset commit failed.");
-        }
+        commit_async(consumer, &tpl_of(&commits));
     }
     cmds.close.map(|offsets| shared.live_offsets(offsets))
 }
@@ -593,6 +714,51 @@ fn poll_batch(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> Delive
     batch
 }
 
+/// How long the final commit may wait for a rebalance in progress to finish.
+const FINAL_COMMIT_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The final commit on close, synchronous. A rolling deploy often stops a member while the
+/// group rebalances, and the broker then refuses the commit (rebalance in progress, or a
+/// generation that just changed): the driver keeps serving librdkafka (the rebalance
+/// completes; fetched messages are dropped, never processed) and commits again what it
+/// still owns, for at most [`FINAL_COMMIT_PATIENCE`]. What is not committed in the end is
+/// processed again by the next owner.
+fn final_commit(
+    consumer: &BaseConsumer<DriverContext>,
+    shared: &Shared,
+    mut offsets: Vec<(Tp, i64)>,
+) {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    let deadline = std::time::Instant::now() + FINAL_COMMIT_PATIENCE;
+    while !offsets.is_empty() {
+        let err = match consumer.commit(&tpl_of(&offsets), CommitMode::Sync) {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        let passing = matches!(
+            err.rdkafka_error_code(),
+            Some(
+                C::RebalanceInProgress
+                    | C::IllegalGeneration
+                    | C::UnknownMemberId
+                    | C::NotCoordinator
+                    | C::CoordinatorLoadInProgress
+                    | C::RequestTimedOut
+            )
+        );
+        if !passing || std::time::Instant::now() >= deadline {
+            tracing::warn!(error = %err, "The final commit failed; the next owner starts from the last committed offsets.");
+            return;
+        }
+        let until = std::time::Instant::now() + Duration::from_millis(200);
+        while std::time::Instant::now() < until {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        let assigned = shared.assigned.lock();
+        offsets.retain(|(tp, _)| assigned.contains_key(tp));
+    }
+}
+
 fn poll_loop(
     consumer: BaseConsumer<DriverContext>,
     shared: Arc<Shared>,
@@ -604,12 +770,8 @@ fn poll_loop(
     let mut pipeline_gone: Option<std::time::Instant> = None;
     loop {
         if let Some(offsets) = apply_commands(&consumer, &shared) {
-            if !offsets.is_empty() {
-                if let Err(e) = consumer.commit(&tpl_of(&offsets), CommitMode::Sync) {
-                    tracing::warn!(error = %e, "The final commit failed; the next owner starts from the last committed offsets.");
-                }
-            }
             shared.closing.store(true, Ordering::SeqCst);
+            final_commit(&consumer, &shared, offsets);
             // Dropping the consumer closes it: librdkafka revokes (our callback skips the
             // handshake while closing), then sends LeaveGroup.
             break;
