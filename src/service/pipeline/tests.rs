@@ -588,3 +588,11 @@ async fn a_failure_on_a_retry_topic_above_the_maximum_is_exhausted() {
     let processed: HashSet<i64> = script.calls.lock().iter().map(|(_, o)| *o).collect();
     assert_eq!(processed, HashSet::from([0, 1]));
 }
+
+#[tokio::test]
+async fn deadlines_never_overflow() {
+    let far = deadline_after(Duration::MAX);
+    assert!(far > Instant::now() + Duration::from_secs(86_400));
+    let near = deadline_after(Duration::from_millis(5));
+    assert!(near <= Instant::now() + Duration::from_millis(5));
+}
