@@ -476,16 +476,6 @@ mod tests {
         assert_eq!(store.len(), done_entries(&store));
     }
 
-    #[test]
-    fn the_mock_stands_in_for_the_store() {
-        let mut mock = MockDedupeStore::new();
-        mock.expect_claim().returning(|_, _| Claim::Duplicate);
-        mock.expect_len().return_const(3_usize);
-        let store: Arc<dyn DedupeStore> = Arc::new(mock);
-        assert_eq!(store.claim("a", None), Claim::Duplicate);
-        assert_eq!(store.len(), 3);
-    }
-
     /// One step of the property test.
     #[derive(Debug, Clone)]
     enum Op {
