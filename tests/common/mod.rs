@@ -221,6 +221,11 @@ impl TestKafka {
 
     /// The group's committed offset per partition of `topic` (-1001 = none).
     pub fn committed(&self, topic: &str) -> Vec<i64> {
+        self.try_committed(topic).expect("committed offsets")
+    }
+
+    /// [`TestKafka::committed`], or None when the broker does not answer within 15 s.
+    pub fn try_committed(&self, topic: &str) -> Option<Vec<i64>> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .set("group.id", &self.group)
@@ -230,15 +235,15 @@ impl TestKafka {
         for p in 0..self.partitions {
             tpl.add_partition(topic, p);
         }
-        let got = c
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .expect("committed offsets");
-        (0..self.partitions)
-            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => -1001,
-            })
-            .collect()
+        let got = c.committed_offsets(tpl, Duration::from_secs(15)).ok()?;
+        Some(
+            (0..self.partitions)
+                .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1001,
+                })
+                .collect(),
+        )
     }
 
     /// Asserts the group committed every partition of `topic` up to its end (an empty
@@ -259,15 +264,20 @@ impl TestKafka {
 
     /// High watermark per partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> Vec<i64> {
+        self.try_end_offsets(topic).expect("watermarks")
+    }
+
+    /// [`TestKafka::end_offsets`], or None when the broker does not answer within 15 s.
+    pub fn try_end_offsets(&self, topic: &str) -> Option<Vec<i64>> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .create()
             .expect("watermark reader");
         (0..self.partitions)
             .map(|p| {
-                c.fetch_watermarks(topic, p, Duration::from_secs(5))
-                    .expect("watermarks")
-                    .1
+                c.fetch_watermarks(topic, p, Duration::from_secs(15))
+                    .ok()
+                    .map(|w| w.1)
             })
             .collect()
     }
