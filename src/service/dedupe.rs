@@ -254,7 +254,6 @@ impl DedupeStore for MemoryDedupe {
 mod tests {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     use std::time::Duration;
 
     use proptest::prelude::*;
