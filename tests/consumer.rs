@@ -57,8 +57,14 @@ async fn happy_path_processes_each_once_and_commits_end_offsets() {
     let k = TestKafka::new(4);
     let ids = k.produce_events("h", 200, 50).await;
     let p = ScriptedProcessor::new();
-    let (running, shutdown) = consumer(&k, &p, &[]).await;
+    let (running, shutdown) = consumer(&k, &p, &[("DEDUPE_CAPACITY", "50")]).await;
     wait_for("all processed", T, || p.calls() >= 200).await;
+    // The dedupe store keeps the 50 newest of the 200 completed ids, nothing more.
+    let metrics = running.metrics.clone();
+    wait_for("dedupe entries at the capacity", T, || {
+        metrics.dedupe_entries.get() == 50
+    })
+    .await;
     let summary = stop(running, shutdown).await;
     let mut ok = p.ok_ids();
     ok.sort();
