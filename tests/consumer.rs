@@ -361,7 +361,7 @@ async fn produce_to_partition(
             (
                 Some(id.clone().into_bytes()),
                 format!(r#"{{"id":"{id}","type":"t"}}"#).into_bytes(),
-                vec![("message-id".to_string(), Some(id.clone().into_bytes()))],
+                vec![("message-id".into(), Some(id.clone().into_bytes()))],
             )
         })
         .collect();
