@@ -326,16 +326,10 @@ async fn run() -> anyhow::Result<()> {
     let raw = raw_consumer(&base_cfg, retained).await?;
     let raw_rate = raw.rate;
     let mut rows = vec![raw];
-    let variants: &[(&str, &[(&str, &str)])] = &[
-        (
-            "courier pipeline, defaults (8 workers, 1000 in flight)",
-            &[],
-        ),
-        (
-            "courier pipeline, defaults + RDKAFKA_FETCH_QUEUE_BACKOFF_MS=10 (proposed tuning)",
-            &[("RDKAFKA_FETCH_QUEUE_BACKOFF_MS", "10")],
-        ),
-    ];
+    let variants: &[(&str, &[(&str, &str)])] = &[(
+        "courier pipeline, defaults (8 workers, 1000 in flight)",
+        &[],
+    )];
     rows.extend(pipeline_rows(&bootstrap, &topics, retained, raw_rate, variants).await?);
     common::print_table(
         &format!(

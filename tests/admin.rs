@@ -2,13 +2,17 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{rand_id, TestKafka};
+use common::{free_port, rand_id, wait_ready, ChildProcess, TestKafka};
+use courier::app::{auto_create_topics, Provisioned};
 use courier::transport::admin::{AdminError, TopicOutcome};
 use courier::transport::TopicAdmin;
+
+const T: Duration = Duration::from_secs(30);
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_courier")
@@ -80,19 +84,77 @@ fn topics_commands_print_and_explain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_create_degrades_cleanly_when_refused() {
+async fn auto_create_reports_each_topic_and_degrades_cleanly_when_refused() {
     let k = TestKafka::new(1);
     let missing = format!("missing-{}", rand_id());
-    let config = k.config(&[
+    let env = [
         ("KAFKA_AUTO_CREATE_TOPICS", "true"),
-        ("KAFKA_PRODUCER_ALLOWED_TOPICS", &missing),
-    ]);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let p = courier::app::producer::start(config, Default::default(), shutdown.clone())
+        ("KAFKA_PRODUCER_ALLOWED_TOPICS", missing.as_str()),
+    ];
+    // The service as a user runs it (started first: the refusal takes a while, and the
+    // in-process check below runs meanwhile): it tries at start-up, says what it could not
+    // create, and serves anyway.
+    let ops = free_port();
+    let mut child = ChildProcess::spawn(
+        Command::new(bin())
+            .arg("producer")
+            .envs(k.env(&env))
+            .env("OPS_ADDR", format!("127.0.0.1:{ops}"))
+            .env("LOG_FORMAT", "json")
+            .env("LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+
+    assert!(
+        auto_create_topics(&k.config(&[])).await.is_empty(),
+        "nothing is attempted while KAFKA_AUTO_CREATE_TOPICS is off"
+    );
+    let got: BTreeMap<String, Provisioned> = auto_create_topics(&k.config(&env))
         .await
-        .expect("starts despite the refusal");
-    shutdown.cancel();
-    p.done.await.unwrap();
+        .into_iter()
+        .collect();
+    let mut want: BTreeMap<String, Provisioned> = k
+        .all_topics()
+        .into_iter()
+        .map(|t| (t, Provisioned::Exists))
+        .collect();
+    // The mock broker has no CreateTopics API: the missing topic is refused, by name.
+    let reason = match got.get(&missing) {
+        Some(Provisioned::Failed { reason }) => reason.clone(),
+        other => panic!("{missing}: {other:?} in {got:?}"),
+    };
+    assert!(
+        reason.contains("refused") && reason.contains(&missing),
+        "{reason}"
+    );
+    want.insert(missing.clone(), Provisioned::Failed { reason });
+    assert_eq!(got, want, "one outcome per topic of the configuration");
+
+    let stderr = child.take_stderr().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("the producer logs the refused topic within 30 s");
+        if line.contains("Topic provisioning failed") && line.contains(&missing) {
+            break line;
+        }
+    };
+    assert!(refusal.contains("\"level\":\"WARN\""), "{refusal}");
+    wait_ready(&format!("http://127.0.0.1:{ops}/readyz"), T).await;
+    child.signal("TERM");
+    let status = child.wait(T).await;
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
 }
 
 #[test]
@@ -100,17 +162,17 @@ fn dev_broker_prints_bootstrap_first_and_serves_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bootstrap");
     let topic = format!("dev-{}", rand_id());
-    let mut child = Command::new(bin())
-        .args(["dev-broker", "--bootstrap-file"])
-        .arg(&file)
-        .env("KAFKA_CONSUMER_TOPICS", &topic)
-        .env("KAFKA_TOPIC_PARTITIONS", "3")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildProcess::spawn(
+        Command::new(bin())
+            .args(["dev-broker", "--bootstrap-file"])
+            .arg(&file)
+            .env("KAFKA_CONSUMER_TOPICS", &topic)
+            .env("KAFKA_TOPIC_PARTITIONS", "3")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
+    BufReader::new(child.take_stdout().unwrap())
         .read_line(&mut first)
         .unwrap();
     let bootstrap = first.trim().to_owned();
@@ -126,13 +188,8 @@ fn dev_broker_prints_bootstrap_first_and_serves_until_sigterm() {
         text.contains(&format!("{topic}\t3")) && text.contains("events-dlq\t3"),
         "{text}"
     );
-    assert!(Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap()
-        .success());
-    assert!(child.wait().unwrap().success());
+    child.signal("TERM");
+    assert!(child.wait_blocking(T).success());
 }
 
 #[test]

@@ -5,15 +5,18 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{header, wait_for, ScriptedProcessor, Step, TestKafka};
+use common::{
+    header, metric_sum, wait_for, wait_ready, ChildProcess, ScriptedProcessor, Step, TestKafka,
+};
 use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
 use courier::model::*;
 use courier::service::pipeline::Summary;
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
+const PROCESSED: &str = "courier_messages_processed_total";
 
 async fn consumer(
     k: &TestKafka,
@@ -54,8 +57,14 @@ async fn happy_path_processes_each_once_and_commits_end_offsets() {
     let k = TestKafka::new(4);
     let ids = k.produce_events("h", 200, 50).await;
     let p = ScriptedProcessor::new();
-    let (running, shutdown) = consumer(&k, &p, &[]).await;
+    let (running, shutdown) = consumer(&k, &p, &[("DEDUPE_CAPACITY", "50")]).await;
     wait_for("all processed", T, || p.calls() >= 200).await;
+    // The dedupe store keeps the 50 newest of the 200 completed ids, nothing more.
+    let metrics = running.metrics.clone();
+    wait_for("dedupe entries at the capacity", T, || {
+        metrics.dedupe_entries.get() == 50
+    })
+    .await;
     let summary = stop(running, shutdown).await;
     let mut ok = p.ok_ids();
     ok.sort();
@@ -136,7 +145,7 @@ async fn fails_twice_then_succeeds_through_retry_1_and_2() {
     assert_eq!(delay2, 700, "level 2 uses the second backoff");
     assert_eq!(total(&summary, |s| s.retried), 2);
     assert_eq!(total(&summary, |s| s.ok), 1);
-    assert!(k.read_all(&k.dlq, 0, Duration::from_millis(500)).is_empty());
+    assert_eq!(k.end_offsets(&k.dlq), vec![0, 0], "nothing dead-lettered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,13 +254,12 @@ async fn duplicates_are_processed_once_and_missing_ids_counted() {
     let (running, shutdown) = consumer(&k, &p, &[]).await;
     let metrics = running.metrics.clone();
     wait_for("all four finished", T, || {
-        metrics
-            .render()
-            .contains("courier_messages_without_id_total 1")
-            && p.calls() >= 2
+        let text = metrics.render();
+        text.contains("courier_messages_without_id_total 1")
+            && metric_sum(&text, PROCESSED, &["outcome=\"duplicate\""]) == 2.0
+            && metric_sum(&text, PROCESSED, &["outcome=\"ok\""]) == 2.0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let summary = stop(running, shutdown).await;
     assert_eq!(p.calls_for("d1").len(), 1);
     assert_eq!(p.seen.lock().iter().filter(|s| s.id.is_none()).count(), 1);
@@ -263,7 +271,9 @@ async fn duplicates_are_processed_once_and_missing_ids_counted() {
 async fn a_slow_message_holds_the_commit_point() {
     let k = TestKafka::new(1);
     let p = ScriptedProcessor::new();
-    p.script("s-0", vec![Step::Sleep(Duration::from_secs(3))]);
+    // Offset 3 is held until the test releases it; offsets 0-2 and 4-9 finish at once.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    p.script("s-3", vec![Step::Hold(gate.clone())]);
     k.produce_events("s", 10, 10).await;
     let (running, shutdown) = consumer(
         &k,
@@ -275,7 +285,7 @@ async fn a_slow_message_holds_the_commit_point() {
     )
     .await;
     let metrics = running.metrics.clone();
-    wait_for("later offsets finished", T, || p.ok_ids().len() >= 5).await;
+    wait_for("every offset but 3 finished", T, || p.ok_ids().len() >= 9).await;
     let lag_series = format!(
         "courier_consumer_lag{{partition=\"0\",topic=\"{}\"}}",
         k.source
@@ -284,68 +294,216 @@ async fn a_slow_message_holds_the_commit_point() {
         metrics.render().contains(&lag_series)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let held = k.committed(&k.source)[0];
+    wait_for("the commit point at the slow offset 3", T, || {
+        k.committed(&k.source) == vec![3]
+    })
+    .await;
+    // It stays there through ten commit intervals (100 ms) while offsets 4-9 are finished.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held.push(k.committed(&k.source)[0]);
+    }
     assert!(
-        !p.ok_ids().contains(&"s-0".to_string()),
+        !p.ok_ids().contains(&"s-3".to_string()),
         "the slow message is still in flight"
     );
-    assert!(
-        held <= 0,
-        "commit point held at the slow offset 0, got {held}"
-    );
-    wait_for("slow one finished", T, || p.ok_ids().len() >= 10).await;
+    assert_eq!(held, vec![3; 10], "the commit point holds at offset 3");
+    gate.close();
+    wait_for("the commit point past the released message", T, || {
+        k.committed(&k.source) == vec![10]
+    })
+    .await;
     stop(running, shutdown).await;
     assert_eq!(k.committed(&k.source), vec![10]);
 }
 
+/// An endpoint for the `http` processor that records the `message-id` of every request it
+/// answers 200 at once, and never answers the request for `hold`.
+async fn recording_endpoint(hold: &str) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
+    let answered = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let (a, hold) = (answered.clone(), hold.to_owned());
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let (a, hold) = (a.clone(), hold.clone());
+            async move {
+                let id = headers
+                    .get("message-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                if id == hold {
+                    std::future::pending::<()>().await;
+                }
+                a.lock().push(id);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, answered)
+}
+
+/// Produces `n` events to `partition`: ids `{prefix}{partition}-{i}`, keyed by id.
+async fn produce_to_partition(
+    k: &TestKafka,
+    prefix: &str,
+    partition: i32,
+    n: usize,
+) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}{partition}-{i}")).collect();
+    let msgs = ids
+        .iter()
+        .map(|id| {
+            (
+                Some(id.clone().into_bytes()),
+                format!(r#"{{"id":"{id}","type":"t"}}"#).into_bytes(),
+                vec![("message-id".into(), Some(id.clone().into_bytes()))],
+            )
+        })
+        .collect();
+    k.produce_to(&k.source, Some(partition), msgs).await;
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_without_final_commit_loses_nothing() {
+async fn after_kill_9_the_finished_but_uncommitted_messages_are_processed_again() {
     let k = TestKafka::new(2);
-    let ids = k.produce_events("c", 60, 60).await;
-    let first = ScriptedProcessor::with_sleep(Duration::from_millis(100));
-    let (running, _shutdown) =
-        consumer(&k, &first, &[("KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "200")]).await;
-    wait_for("some processed", T, || first.calls() >= 10).await;
-    running.done.abort(); // a crash: no drain, no final commit
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let second = ScriptedProcessor::new();
-    let (running2, shutdown2) = consumer(&k, &second, &[]).await;
-    let done: HashSet<String> = first.ok_ids().into_iter().collect();
-    wait_for("the rest processed", T, || {
-        let all: HashSet<String> = done.iter().cloned().chain(second.ok_ids()).collect();
-        ids.iter().all(|i| all.contains(i))
+    // Partition 1 is processed and committed to its end first. Then partition 0, whose
+    // first message the endpoint never answers: that partition's commit point stays at
+    // offset 0 while the messages behind it (in other key lanes) finish.
+    let p1 = produce_to_partition(&k, "c", 1, 20).await;
+    let (url, answered) = recording_endpoint("c0-0").await;
+    let mut child = ChildProcess::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("consumer")
+            .envs(k.env(&[
+                ("COURIER_PROCESSOR", "http"),
+                ("PROCESSOR_HTTP_URL", &url),
+                ("PROCESSOR_HTTP_TIMEOUT_MS", "120000"),
+                ("KAFKA_CONSUMER_WORKERS", "8"),
+            ]))
+            .stderr(std::process::Stdio::null()),
+    );
+    let finished_in = |ids: &[String]| -> Vec<String> {
+        let done = answered.lock();
+        ids.iter().filter(|i| done.contains(*i)).cloned().collect()
+    };
+    wait_for("partition 1 processed and committed", T, || {
+        finished_in(&p1).len() == p1.len() && k.committed(&k.source)[1] == 20
     })
     .await;
-    stop(running2, shutdown2).await;
+    let p0 = produce_to_partition(&k, "c", 0, 20).await;
+    wait_for(
+        "messages behind partition 0's held first one finished",
+        T,
+        || finished_in(&p0).len() >= 5 && k.committed(&k.source) == vec![0, 20],
+    )
+    .await;
+    let status = child.kill_9();
+    assert!(!status.success(), "killed: {status:?}");
+    // The dead process commits nothing more; what it finished on partition 0 is uncommitted.
+    assert_eq!(k.committed(&k.source), vec![0, 20]);
+    let finished_uncommitted = finished_in(&p0);
+    assert!(!finished_uncommitted.contains(&p0[0]));
+    assert!(finished_uncommitted.len() >= 5, "{finished_uncommitted:?}");
+
+    let second = ScriptedProcessor::new();
+    let (running, shutdown) = consumer(&k, &second, &[]).await;
+    wait_for("partition 0 processed by the new consumer", T, || {
+        second.ok_ids().len() >= p0.len()
+    })
+    .await;
+    let summary = stop(running, shutdown).await;
+    let mut again = second.ok_ids();
+    again.sort();
+    let mut want = p0.clone();
+    want.sort();
+    assert_eq!(
+        again, want,
+        "exactly the uncommitted partition is processed again, each message once"
+    );
+    let missing: Vec<&String> = finished_uncommitted
+        .iter()
+        .filter(|id| !again.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "finished but uncommitted at the kill, yet not processed again: {missing:?}"
+    );
+    assert_eq!(total(&summary, |s| s.ok), p0.len() as u64);
     k.assert_committed_to_end(&k.source);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_retry_publish_is_retried_then_committed() {
+async fn a_failing_retry_publish_holds_the_commit_point_until_acknowledged() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let k = TestKafka::new(1);
     let p = ScriptedProcessor::new();
-    p.script("p-0", vec![Step::Fatal("bad")]);
-    k.produce_events("p", 1, 1).await;
+    // Offset 3 fails retryably: it must be published to retry-1 before it is finished.
+    p.script("p-3", vec![Step::Retry("flaky"), Step::Ok]);
+    k.produce_events("p", 6, 6).await;
+    // From now on every Produce request fails, until the test clears the errors.
     k.broker.cluster().request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1000],
     );
     let (running, shutdown) = consumer(&k, &p, &[("KAFKA_PRODUCER_IDEMPOTENT", "false")]).await;
     let metrics = running.metrics.clone();
-    let dlq = k.read_all(&k.dlq, 1, T);
-    assert_eq!(dlq.len(), 1);
-    wait_for("commit after the ack", T, || {
-        k.committed(&k.source) == vec![1]
+    let failures = || {
+        metric_sum(
+            &metrics.render(),
+            "courier_publish_failures_total",
+            &[
+                "reason=\"unauthorized\"",
+                &format!("topic=\"{}\"", k.retry_topic(1)),
+            ],
+        )
+    };
+    wait_for("the retry publish failing", T, || failures() >= 2.0).await;
+    wait_for("the commit point at the failing message", T, || {
+        k.committed(&k.source) == vec![3]
     })
     .await;
-    let text = metrics.render();
+    // Sampled while the publish keeps failing: at least two more failures.
+    let (first, deadline) = (failures(), Instant::now() + T);
+    let mut held = Vec::new();
+    while failures() < first + 2.0 {
+        assert!(Instant::now() < deadline, "the publish stopped failing");
+        held.push(k.committed(&k.source)[0]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
-        text.contains("courier_publish_failures_total{reason=\"unauthorized\""),
-        "{text}"
+        !held.is_empty() && held.iter().all(|c| *c == 3),
+        "the commit point holds at the unpublished message: {held:?}"
     );
-    stop(running, shutdown).await;
+    assert_eq!(
+        k.end_offsets(&k.retry_topic(1)),
+        vec![0],
+        "not published yet"
+    );
+    k.broker
+        .cluster()
+        .clear_request_errors(RDKafkaApiKey::Produce);
+    wait_for("the commit point past the acknowledged publish", T, || {
+        k.committed(&k.source) == vec![6]
+    })
+    .await;
+    wait_for("the retry processed", T, || {
+        p.ok_ids().contains(&"p-3".to_string())
+    })
+    .await;
+    let summary = stop(running, shutdown).await;
+    let calls = p.calls_for("p-3");
+    assert_eq!(calls.len(), 2, "once from the source, once from retry-1");
+    assert_eq!(calls[1].delivery.topic, k.retry_topic(1));
+    assert_eq!(total(&summary, |s| s.retried), 1);
+    assert_eq!(k.end_offsets(&k.retry_topic(1)), vec![1], "published once");
+    k.assert_committed_to_end(&k.retry_topic(1));
+    assert_eq!(k.end_offsets(&k.dlq), vec![0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +524,13 @@ async fn backpressure_bounds_in_flight() {
     let metrics = running.metrics.clone();
     let mut max_seen = 0;
     let mut paused_seen = false;
+    let deadline = Instant::now() + T;
     while p.calls() < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 500 processed within {T:?}",
+            p.calls()
+        );
         max_seen = max_seen.max(metrics.in_flight.get());
         paused_seen |= metrics.paused_partitions.get() > 0;
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -391,11 +555,21 @@ async fn two_groups_share_one_retry_chain() {
     k.produce_events("g", 1, 1).await;
     let (ra, sa) = consumer(&k, &pa, &[("KAFKA_CONSUMER_GROUP_ID", "group-a")]).await;
     let (rb, sb) = consumer(&k, &pb, &[("KAFKA_CONSUMER_GROUP_ID", "group-b")]).await;
-    wait_for("both groups succeeded", T, || {
-        pa.ok_ids().len() == 1 && pb.ok_ids().len() == 1
-    })
+    let (ma, mb) = (ra.metrics.clone(), rb.metrics.clone());
+    let skipped = |m: &courier::observability::Metrics| {
+        metric_sum(&m.render(), PROCESSED, &["outcome=\"skipped\""])
+    };
+    wait_for(
+        "both groups succeeded and skipped the other's retry",
+        T,
+        || {
+            pa.ok_ids().len() == 1
+                && pb.ok_ids().len() == 1
+                && skipped(&ma) == 1.0
+                && skipped(&mb) == 1.0
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let (suma, sumb) = (stop(ra, sa).await, stop(rb, sb).await);
     for (p, group) in [(&pa, "group-a"), (&pb, "group-b")] {
         let calls = p.calls_for("g-0");
@@ -452,15 +626,7 @@ async fn readiness_waits_for_the_group() {
     assert_eq!(status, 503, "not ready before joining the group");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(body["reason"].is_string());
-    let mut ready = false;
-    for _ in 0..300 {
-        if common::http_get(&url).await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "ready after joining");
+    wait_ready(&url, T).await;
     stop(running, shutdown).await;
 }
 
@@ -496,27 +662,20 @@ async fn sigterm_drains_in_flight_commits_and_exits_0() {
     let k = TestKafka::new(2);
     let ids = k.produce_events("t", 20, 20).await;
     let (url, seen) = slow_endpoint(Duration::from_millis(300)).await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-        .arg("consumer")
-        .envs(k.env(&[
-            ("COURIER_PROCESSOR", "http"),
-            ("PROCESSOR_HTTP_URL", &url),
-            ("KAFKA_CONSUMER_WORKERS", "4"),
-        ]))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildProcess::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("consumer")
+            .envs(k.env(&[
+                ("COURIER_PROCESSOR", "http"),
+                ("PROCESSOR_HTTP_URL", &url),
+                ("KAFKA_CONSUMER_WORKERS", "4"),
+            ]))
+            .stderr(std::process::Stdio::null()),
+    );
     wait_for("processing started", T, || !seen.lock().is_empty()).await;
     let before = seen.lock().len();
-    let ok = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    child.signal("TERM");
+    let status = child.wait(T).await;
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
     let done: HashSet<String> = seen.lock().iter().cloned().collect();
     assert!(

@@ -404,7 +404,6 @@ async fn dry_run_lists_and_publishes_nothing() {
         assert!(text.contains(&format!("d-{i}")), "{text}");
     }
     assert!(text.contains("would replay: 3"), "{text}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(total_end(&k, &k.source), 0, "nothing published");
     let real = ReplayOptions {
         all: true,
@@ -415,24 +414,68 @@ async fn dry_run_lists_and_publishes_nothing() {
         done.replayed, 3,
         "the dry run committed nothing for the same group"
     );
+    // The real replay's publishes are acknowledged; anything the dry run had sent would be
+    // on the topic by now too.
+    assert_eq!(
+        total_end(&k, &k.source),
+        3,
+        "only the real replay published"
+    );
+    assert_eq!(
+        sorted_ids(&k.read_all(&k.source, 3, T)),
+        vec!["d-0", "d-1", "d-2"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_is_honoured() {
     let k = TestKafka::new(1);
-    k.produce(&k.dlq, fatal_batch(&k, "r", 6)).await;
+    let n = 31;
+    k.produce(&k.dlq, fatal_batch(&k, "r", n)).await;
     let config = k.config(&[]);
+    let rate = 20.0;
     let opts = ReplayOptions {
         all: true,
-        rate: Some(10.0),
+        rate: Some(rate),
         ..Default::default()
     };
-    let started = Instant::now();
     let (report, _) = run_replay(&config, &opts, CancellationToken::new()).await;
-    let took = started.elapsed();
-    assert_eq!(report.replayed, 6);
-    // Six publishes at 10/s span at least 500 ms; allow a factor of two.
-    assert!(took >= Duration::from_millis(250), "took {took:?}");
+    assert_eq!(report.replayed, n as u64);
+    // When each replayed record was produced (its CreateTime, set by the replay's client),
+    // in the order of the DLQ (one partition, so one order).
+    let replayed = k.read_all(&k.source, n, T);
+    assert_eq!(replayed.len(), n);
+    let at: Vec<i64> = replayed
+        .iter()
+        .map(|d| d.timestamp_ms.expect("a CreateTime") - replayed[0].timestamp_ms.unwrap())
+        .collect();
+    // Never faster than the rate: the i-th publish is not sent before i / rate after the
+    // first (2 ms for the timestamps' resolution). The pacer keeps to that schedule, so a
+    // slow start (the first acknowledgement and commit take up to a second here) is made
+    // up for later.
+    let interval_ms = 1000.0 / rate;
+    let early: Vec<(usize, i64)> = at
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| (**t as f64) < *i as f64 * interval_ms - 2.0)
+        .map(|(i, t)| (i, *t))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "sent before their time: {early:?} of {at:?}"
+    );
+    // Not much slower either: the whole replay spans (n - 1) / rate, within a tolerance.
+    let due_ms = (n - 1) as f64 * interval_ms;
+    let tolerance_ms = 400.0;
+    let span_ms = at[n - 1] as f64;
+    println!(
+        "replay rate: asked {rate}/s, measured {:.1}/s ({n} publishes over {span_ms} ms)",
+        (n - 1) as f64 * 1000.0 / span_ms
+    );
+    assert!(
+        span_ms <= due_ms + tolerance_ms,
+        "{n} publishes at {rate}/s took {span_ms} ms, more than {due_ms} + {tolerance_ms} ms: {at:?}"
+    );
     let bad = ReplayOptions {
         rate: Some(0.0),
         ..opts
@@ -473,13 +516,21 @@ async fn an_interrupted_replay_resumes_and_replays_each_message_once() {
                 .sum()
         };
         let deadline = Instant::now() + T;
-        while published() < 3 && Instant::now() < deadline {
+        while published() < 3 {
+            if Instant::now() >= deadline {
+                cancel.cancel();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         cancel.cancel();
+        true
     });
     let (first, text) = run_replay(&config, &opts, token).await;
-    watcher.join().unwrap();
+    assert!(
+        watcher.join().unwrap(),
+        "three replays published within {T:?}"
+    );
     assert!(first.interrupted, "{text}");
     assert!(
         text.contains("run the same command again to resume"),

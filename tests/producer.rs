@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{header, http_get, http_request, TestKafka};
+use common::{free_port, header, http_get, http_request, wait_ready, ChildProcess, TestKafka};
 use courier::app::producer::{start, ProducerOptions, RunningProducer};
 use tokio_util::sync::CancellationToken;
 
@@ -20,13 +20,7 @@ async fn producer(k: &TestKafka, extra: &[(&str, &str)]) -> (RunningProducer, Ca
     )
     .await
     .expect("producer starts");
-    let ready = format!("http://{}/readyz", running.ops_addr);
-    for _ in 0..200 {
-        if http_get(&ready).await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_ready(&format!("http://{}/readyz", running.ops_addr), T).await;
     (running, shutdown)
 }
 
@@ -158,15 +152,18 @@ async fn broker_down_gives_503_quickly_and_recovers_without_restart() {
     let ready = format!("http://{}/readyz", p.ops_addr);
     assert_eq!(http_get(&ready).await.0, 200);
     k.broker.broker_down().unwrap();
-    let mut status = 200;
-    for _ in 0..200 {
-        status = http_get(&ready).await.0;
+    let deadline = Instant::now() + T;
+    loop {
+        let status = http_get(&ready).await.0;
         if status == 503 {
             break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz notices the outage within {T:?} (last: {status})"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert_eq!(status, 503, "/readyz notices the outage");
     let started = Instant::now();
     let (status, body) = http_request("POST", &events_url(&p), JSON, br#"{"type":"t"}"#).await;
     assert_eq!(status, 503, "{body}");
@@ -177,15 +174,7 @@ async fn broker_down_gives_503_quickly_and_recovers_without_restart() {
     let metrics = http_get(&format!("http://{}/metrics", p.ops_addr)).await.1;
     assert!(metrics.contains("courier_broker_up 0"));
     k.broker.broker_up().unwrap();
-    let mut recovered = false;
-    for _ in 0..400 {
-        if http_get(&ready).await.0 == 200 {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(recovered, "ready again after broker_up");
+    wait_ready(&ready, T).await;
     let (status, body) = http_request(
         "POST",
         &events_url(&p),
@@ -245,80 +234,61 @@ fn config_errors_name_the_variable_and_exit_non_zero() {
     );
 }
 
+/// How long the child producer holds a message in its queue before sending it
+/// (`KAFKA_PRODUCER_LINGER_MS`), unless a flush sends it sooner.
+const LINGER: Duration = Duration::from_secs(20);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_flushes_accepted_messages() {
+async fn sigterm_flushes_messages_still_pending_in_the_client() {
     let k = TestKafka::new(1);
-    let port = free_port();
-    let mut child = std::process::Command::new(bin())
-        .arg("producer")
-        .envs(k.env(&[
-            ("HTTP_ADDR", &format!("127.0.0.1:{port}")),
-            ("KAFKA_PRODUCER_LINGER_MS", "200"),
-            ("LOG_FORMAT", "pretty"),
-        ]))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}/v1/events");
-    let mut accepted = 0;
-    for i in 0..400 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            let (status, _) = http_request(
-                "POST",
-                &url,
-                JSON,
-                format!(r#"{{"type":"t","id":"sig-{i}"}}"#).as_bytes(),
-            )
-            .await;
-            if status == 200 {
-                accepted += 1;
-                if accepted == 5 {
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(accepted, 5);
-    // A request in flight while the signal arrives is still answered and flushed.
-    let pending = tokio::spawn(async move {
-        http_request("POST", &url, JSON, br#"{"type":"t","id":"sig-last"}"#).await
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    unsafe_kill(child.id(), "TERM");
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
-    let last = pending.await.unwrap().0;
-    let on_topic = k.read_all(&k.source, 5, T);
-    assert_eq!(
-        on_topic.len(),
-        5 + usize::from(last == 200),
-        "every accepted message is on the topic"
+    let (http, ops) = (free_port(), free_port());
+    let mut child = ChildProcess::spawn(
+        std::process::Command::new(bin())
+            .arg("producer")
+            .envs(k.env(&[
+                ("HTTP_ADDR", &format!("127.0.0.1:{http}")),
+                ("OPS_ADDR", &format!("127.0.0.1:{ops}")),
+                ("KAFKA_PRODUCER_LINGER_MS", &LINGER.as_millis().to_string()),
+                ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
+                ("KAFKA_PRODUCER_FLUSH_TIMEOUT_MS", "15000"),
+                ("LOG_FORMAT", "pretty"),
+            ]))
+            .stderr(std::process::Stdio::null()),
     );
-}
-
-/// A free loopback port (bound and released) for a child process.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Sends a signal with the `kill` command (no libc dependency).
-pub fn unsafe_kill(pid: u32, signal: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    wait_ready(&format!("http://127.0.0.1:{ops}/readyz"), T).await;
+    // The events reach the producer's client, which holds them for the linger: there is no
+    // acknowledgement within the request timeout, so the request is answered 503 while
+    // the messages are still queued in the client.
+    let posted = Instant::now();
+    let batch =
+        br#"[{"type":"t","id":"sig-0"},{"type":"t","id":"sig-1"},{"type":"t","id":"sig-2"}]"#;
+    let url = format!("http://127.0.0.1:{http}/v1/events");
+    let (status, body) = http_request("POST", &url, JSON, batch).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("HTTP_REQUEST_TIMEOUT_MS"), "{body}");
+    assert_eq!(
+        k.end_offsets(&k.source),
+        vec![0],
+        "the messages are pending in the client, not on the broker"
+    );
+    child.signal("TERM");
+    let status = child.wait(T).await;
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    assert!(
+        posted.elapsed() < LINGER,
+        "the producer exited before its linger would have sent the messages"
+    );
+    let mut ids: Vec<String> = k
+        .read_all(&k.source, 3, T)
+        .iter()
+        .filter_map(|m| m.message_id().map(str::to_owned))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec!["sig-0", "sig-1", "sig-2"],
+        "the flush on SIGTERM delivered every pending message, once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

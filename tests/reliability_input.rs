@@ -969,7 +969,7 @@ async fn consumer_record_near_1_mib_is_dead_lettered_not_stuck() {
     let processed = rec.ok.lock().len();
     let metrics = running.metrics.render();
     shutdown.cancel();
-    let _ = tokio::time::timeout(T, running.done).await;
+    let stopped = tokio::time::timeout(T, running.done).await;
     let failures: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("courier_publish_failures_total"))
@@ -991,6 +991,10 @@ async fn consumer_record_near_1_mib_is_dead_lettered_not_stuck() {
     );
     assert_eq!(committed, vec![11], "the partition is committed to its end");
     assert_eq!(processed, 10, "the messages behind it are processed");
+    assert!(
+        matches!(stopped, Ok(Ok(_))),
+        "the consumer shut down cleanly within {T:?}: {stopped:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

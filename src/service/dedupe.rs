@@ -254,7 +254,6 @@ impl DedupeStore for MemoryDedupe {
 mod tests {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     use std::time::Duration;
 
     use proptest::prelude::*;
@@ -474,16 +473,6 @@ mod tests {
         );
         // No claim is left in progress: each one was completed or released.
         assert_eq!(store.len(), done_entries(&store));
-    }
-
-    #[test]
-    fn the_mock_stands_in_for_the_store() {
-        let mut mock = MockDedupeStore::new();
-        mock.expect_claim().returning(|_, _| Claim::Duplicate);
-        mock.expect_len().return_const(3_usize);
-        let store: Arc<dyn DedupeStore> = Arc::new(mock);
-        assert_eq!(store.claim("a", None), Claim::Duplicate);
-        assert_eq!(store.len(), 3);
     }
 
     /// One step of the property test.

@@ -111,6 +111,16 @@ impl TestKafka {
 
     /// Produces messages `(key, payload, headers)` to `topic`, waiting for every ack.
     pub async fn produce(&self, topic: &str, messages: Vec<(Option<Vec<u8>>, Vec<u8>, Headers)>) {
+        self.produce_to(topic, None, messages).await
+    }
+
+    /// [`TestKafka::produce`] to one `partition` (`None`: by key).
+    pub async fn produce_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        messages: Vec<(Option<Vec<u8>>, Vec<u8>, Headers)>,
+    ) {
         let p = self.producer();
         let futs = messages.into_iter().map(|(key, payload, headers)| {
             let p = p.clone();
@@ -122,6 +132,9 @@ impl TestKafka {
                     .headers(h);
                 if let Some(k) = &key {
                     r = r.key(k.as_slice());
+                }
+                if let Some(n) = partition {
+                    r = r.partition(n);
                 }
                 p.send(r, Duration::from_secs(10)).await.expect("produce");
             }
@@ -198,6 +211,11 @@ impl TestKafka {
 
     /// The group's committed offset per partition of `topic` (-1001 = none).
     pub fn committed(&self, topic: &str) -> Vec<i64> {
+        self.try_committed(topic).expect("committed offsets")
+    }
+
+    /// [`TestKafka::committed`], or None when the broker does not answer within 15 s.
+    pub fn try_committed(&self, topic: &str) -> Option<Vec<i64>> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .set("group.id", &self.group)
@@ -207,15 +225,15 @@ impl TestKafka {
         for p in 0..self.partitions {
             tpl.add_partition(topic, p);
         }
-        let got = c
-            .committed_offsets(tpl, Duration::from_secs(5))
-            .expect("committed offsets");
-        (0..self.partitions)
-            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => -1001,
-            })
-            .collect()
+        let got = c.committed_offsets(tpl, Duration::from_secs(15)).ok()?;
+        Some(
+            (0..self.partitions)
+                .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1001,
+                })
+                .collect(),
+        )
     }
 
     /// Asserts the group committed every partition of `topic` up to its end (an empty
@@ -236,15 +254,20 @@ impl TestKafka {
 
     /// High watermark per partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> Vec<i64> {
+        self.try_end_offsets(topic).expect("watermarks")
+    }
+
+    /// [`TestKafka::end_offsets`], or None when the broker does not answer within 15 s.
+    pub fn try_end_offsets(&self, topic: &str) -> Option<Vec<i64>> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .create()
             .expect("watermark reader");
         (0..self.partitions)
             .map(|p| {
-                c.fetch_watermarks(topic, p, Duration::from_secs(5))
-                    .expect("watermarks")
-                    .1
+                c.fetch_watermarks(topic, p, Duration::from_secs(15))
+                    .ok()
+                    .map(|w| w.1)
             })
             .collect()
     }
@@ -257,6 +280,9 @@ pub enum Step {
     Retry(&'static str),
     Fatal(&'static str),
     Sleep(Duration),
+    /// Waits until the semaphore has a permit or is closed (the test closes it to release),
+    /// then succeeds.
+    Hold(Arc<tokio::sync::Semaphore>),
 }
 
 /// One processing call as the processor saw it.
@@ -345,6 +371,10 @@ impl Processor for ScriptedProcessor {
                 tokio::time::sleep(d).await;
                 Ok(())
             }
+            Step::Hold(gate) => {
+                let _ = gate.acquire().await;
+                Ok(())
+            }
         };
         self.seen.lock().push(Seen {
             id,
@@ -363,6 +393,164 @@ pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> b
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `url` until it answers 200, failing after `timeout` with the last status.
+pub async fn wait_ready(url: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = probe(url).await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} not 200 within {timeout:?} (last: {status}, 0 = no answer)"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The status of a GET of `url`; 0 when nothing listens there or no answer came within 2 s.
+pub async fn probe(url: &str) -> u16 {
+    let host = url
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .expect("an http:// URL");
+    if tokio::net::TcpStream::connect(host).await.is_err() {
+        return 0;
+    }
+    tokio::time::timeout(Duration::from_secs(2), http_get(url))
+        .await
+        .map_or(0, |r| r.0)
+}
+
+/// A free loopback port (bound and released) for a child process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// A child process that is killed (SIGKILL) and reaped if the test ends before it does.
+pub struct ChildProcess(Option<std::process::Child>);
+
+impl ChildProcess {
+    /// Spawns `cmd`.
+    pub fn spawn(cmd: &mut std::process::Command) -> Self {
+        ChildProcess(Some(cmd.spawn().expect("the child process starts")))
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    /// Its stderr, if piped (once).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.0.as_mut()?.stderr.take()
+    }
+
+    /// Sends `signal` (e.g. `TERM`) with the `kill` command (no libc dependency).
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(ok.success(), "kill -{signal} {}", self.id());
+    }
+
+    /// SIGKILL at once (no `kill` process in between), then reaps it.
+    pub fn kill_9(&mut self) -> std::process::ExitStatus {
+        let mut child = self.0.take().expect("a running child");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap the killed child")
+    }
+
+    /// Its stdout, if piped (once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.0.as_mut()?.stdout.take()
+    }
+
+    /// Its exit status if it has exited; kills it and fails the test once `deadline` passed.
+    fn poll_exit(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let child = self.0.as_mut().expect("a running child");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            self.0 = None;
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.0 = None;
+            panic!("the child process did not exit within {timeout:?}");
+        }
+        None
+    }
+
+    /// Waits for it to exit, at most `timeout`; kills it and fails the test after that.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.poll_exit(deadline, timeout) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// [`ChildProcess::wait`] for a test without a runtime.
+    pub fn wait_blocking(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.poll_exit(deadline, timeout) {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The sum of the series of metric `name` (Prometheus text) whose labels contain every one
+/// of `labels`, e.g. `outcome="duplicate"`.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// [`wait_for`] with an async condition.
+pub async fn wait_for_async<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
