@@ -5,6 +5,7 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cli::ConfigArgs;
 use crate::config::Config;
 use crate::transport::admin::TopicOutcome;
 use crate::transport::{DevBroker, TopicAdmin};
@@ -75,6 +76,23 @@ pub async fn dev_broker(
 /// When stdout cannot be written.
 pub fn print_config(config: &Config, out: &mut impl Write) -> std::io::Result<()> {
     out.write_all(config.to_toml().as_bytes())
+}
+
+/// `courier config --markdown` or `--toml-template`: the docs generated from the definition
+/// of every setting. Returns whether a flag asked for them.
+///
+/// # Errors
+/// When stdout cannot be written.
+pub fn print_config_docs(args: ConfigArgs, out: &mut impl Write) -> std::io::Result<bool> {
+    let text = if args.markdown {
+        crate::config::docs::markdown_table()
+    } else if args.toml_template {
+        crate::config::docs::toml_template()
+    } else {
+        return Ok(false);
+    };
+    out.write_all(text.as_bytes())?;
+    Ok(true)
 }
 
 /// The config file argument: `--config` wins over `COURIER_CONFIG`.
