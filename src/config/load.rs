@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::define::Var;
 use super::error::{ConfigError, Problem};
-use super::values::passthrough_name;
+use super::values::{is_secret_property, passthrough_name};
 use super::{vars, Config};
 
 /// The variable naming the optional TOML file (the `--config` flag wins over it).
@@ -207,8 +207,12 @@ fn find<'a>(dict: &'a Dict, path: &[String]) -> Option<&'a Value> {
 /// A refused value as a problem: its variable, the value as written, what is accepted.
 fn describe(e: &figment::Error, dict: &Dict) -> Problem {
     let key = file_key(&e.path);
+    let value = match find(dict, &e.path) {
+        Some(_) if is_secret_property(&key) => "[redacted]".into(),
+        Some(value) => shown(value),
+        None => String::new(),
+    };
     let var = var_by(|v| v.key() == key).map_or(key, |v| v.env.to_owned());
-    let value = find(dict, &e.path).map(shown).unwrap_or_default();
     let expected = match &e.kind {
         Kind::InvalidType(_, expected) | Kind::InvalidValue(_, expected) => friendly(expected),
         other => other.to_string(),

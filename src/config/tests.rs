@@ -292,6 +292,11 @@ fn printed_config_redacts_secrets_and_loads_again() {
         format!("{:?}", c.kafka.sasl_password),
         "Some(\"[redacted]\")"
     );
+    let err = load_toml("[kafka]\nsasl_password = [\"hunter2\"]\n", &[]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "KAFKA_SASL_PASSWORD=[redacted]: expected a single value"
+    );
     let again = load_toml(&out, &[]).unwrap();
     assert_eq!(again.consumer.group_id, "printed");
     assert_eq!(again.rdkafka["socket.timeout.ms"], "5000");
