@@ -59,7 +59,7 @@ pub enum Command {
     },
     /// Print the effective configuration as TOML, secrets redacted (or, with a flag, the
     /// docs generated from the definition of every setting).
-    Config(ConfigArgs),
+    Config(app::tools::ConfigArgs),
     /// Dev broker + producer + consumer in one process, with injected failures.
     Demo(app::demo::DemoArgs),
     /// Dead-letter topic operations: inspect and replay.
@@ -68,18 +68,6 @@ pub enum Command {
         #[command(subcommand)]
         action: app::dlq::DlqAction,
     },
-}
-
-/// `courier config` flags: without one, the effective configuration.
-#[derive(Debug, Clone, Copy, Default, clap::Args)]
-#[group(multiple = false)]
-pub struct ConfigArgs {
-    /// Print the README's table of every variable (Markdown) instead.
-    #[arg(long)]
-    pub markdown: bool,
-    /// Print config/courier.toml, every key with its default and meaning, instead.
-    #[arg(long, visible_alias = "toml")]
-    pub toml_template: bool,
 }
 
 /// `courier topics` actions.

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::ConfigArgs;
 use crate::config::Config;
 use crate::transport::admin::TopicOutcome;
 use crate::transport::{DevBroker, TopicAdmin};
@@ -76,6 +75,18 @@ pub async fn dev_broker(
 /// When stdout cannot be written.
 pub fn print_config(config: &Config, out: &mut impl Write) -> std::io::Result<()> {
     out.write_all(config.to_toml().as_bytes())
+}
+
+/// `courier config` flags: without one, the effective configuration.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct ConfigArgs {
+    /// Print the README's table of every variable (Markdown) instead.
+    #[arg(long)]
+    pub markdown: bool,
+    /// Print config/courier.toml, every key with its default and meaning, instead.
+    #[arg(long, visible_alias = "toml")]
+    pub toml_template: bool,
 }
 
 /// `courier config --markdown` or `--toml-template`: the docs generated from the definition
