@@ -108,10 +108,7 @@ fn new_consumer_settings_parse_and_are_bounded() {
         load(&[("KAFKA_CONSUMER_MAX_IN_FLIGHT_BYTES", "0")])
             .unwrap_err()
             .to_string(),
-        format!(
-            "KAFKA_CONSUMER_MAX_IN_FLIGHT_BYTES=0: expected a whole number from 1 to {}",
-            usize::MAX
-        )
+        "KAFKA_CONSUMER_MAX_IN_FLIGHT_BYTES=0: expected a whole number of at least 1"
     );
 }
 

@@ -53,6 +53,13 @@ impl<'a> Check<'a> {
         }
     }
 
+    fn at_least<T: PartialOrd + Display>(&mut self, field: &str, value: T, lo: T) {
+        self.env(field);
+        if value < lo {
+            self.fail(field, value, format!("a whole number of at least {lo}"));
+        }
+    }
+
     fn millis(&mut self, field: &str, value: Duration, lo: u128, hi: u128) {
         self.range(field, value.as_millis(), lo, hi);
     }
@@ -148,12 +155,7 @@ impl ConsumerConfig {
         c.not_empty("group_id", &self.group_id, "a non-empty group id");
         c.range("workers", self.workers, 1, 4096);
         c.range("max_in_flight", self.max_in_flight, 1, 1_000_000);
-        c.range(
-            "max_in_flight_bytes",
-            self.max_in_flight_bytes,
-            1,
-            usize::MAX,
-        );
+        c.at_least("max_in_flight_bytes", self.max_in_flight_bytes, 1);
         c.millis("pause_after", self.pause_after, 0, HOUR_MS);
         c.range("retry_max", self.retry_max, 0, 100);
         c.millis("commit_interval", self.commit_interval, 10, HOUR_MS);
