@@ -169,15 +169,15 @@ settings! {
         topics: Vec<String> = vec!["events".into()], env KAFKA_CONSUMER_TOPICS;
         /// consumer group
         group_id: String = "courier".into(), env KAFKA_CONSUMER_GROUP_ID;
-        /// cooperative-sticky (only partitions that change owner move), range or roundrobin
-        assignment_strategy: AssignmentStrategy = AssignmentStrategy::CooperativeSticky,
-            env KAFKA_CONSUMER_ASSIGNMENT_STRATEGY;
         /// worker lanes; a key always goes to the same lane
         workers: usize = 8, env KAFKA_CONSUMER_WORKERS;
         /// messages in flight at most; fetching pauses above it
         max_in_flight: usize = 1000, env KAFKA_CONSUMER_MAX_IN_FLIGHT;
-        /// bytes (key + payload + headers) in flight at most; fetching pauses above it; a single larger message is still taken when nothing else is in flight
+        /// bytes (key, payload, headers) in flight at most; fetching pauses above it; one larger message is still taken alone
         max_in_flight_bytes: usize = 64 * 1024 * 1024, env KAFKA_CONSUMER_MAX_IN_FLIGHT_BYTES;
+        /// cooperative-sticky (only partitions that change owner move), range or roundrobin
+        assignment_strategy: AssignmentStrategy = AssignmentStrategy::CooperativeSticky,
+            env KAFKA_CONSUMER_ASSIGNMENT_STRATEGY;
         /// how long the in-flight bound must hold before fetching pauses
         #[serde(with = "super::values::ms")]
         pause_after: Duration = ms(10_000), env KAFKA_CONSUMER_PAUSE_AFTER_MS,
