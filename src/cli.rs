@@ -57,8 +57,9 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         bootstrap_file: Option<PathBuf>,
     },
-    /// Print the effective configuration as TOML, secrets redacted.
-    Config,
+    /// Print the effective configuration as TOML, secrets redacted (or, with a flag, the
+    /// docs generated from the definition of every setting).
+    Config(app::tools::ConfigArgs),
     /// Dev broker + producer + consumer in one process, with injected failures.
     Demo(app::demo::DemoArgs),
     /// Dead-letter topic operations: inspect and replay.
@@ -107,10 +108,16 @@ pub fn demo_log_defaults(config: &mut Config) {
 
 /// Runs the parsed command line. Returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Config(args) = cli.command {
+        // The generated docs need no configuration; the effective one is loaded below.
+        if app::tools::print_config_docs(args, &mut std::io::stdout())? {
+            return Ok(());
+        }
+    }
     let config = load(&cli)?;
     crate::observability::logging::init(&config.log, std::io::stderr);
     match cli.command {
-        Command::Config => {
+        Command::Config(_) => {
             app::tools::print_config(&config, &mut std::io::stdout())?;
         }
         Command::Topics {

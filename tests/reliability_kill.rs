@@ -30,7 +30,7 @@ use axum::http::{HeaderMap, StatusCode};
 use common::rand_id;
 use courier::model::Delivery;
 use parking_lot::Mutex;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};

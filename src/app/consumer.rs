@@ -64,7 +64,7 @@ pub async fn start(
     let publisher: Arc<dyn Publisher> = kafka;
     let ops_shutdown = CancellationToken::new();
     let (ops_addr, ops_task) = serve_ops(
-        config.ops_addr,
+        config.ops.addr,
         metrics.clone(),
         readiness.clone(),
         ops_shutdown.clone(),

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::consumer::{self, ConsumerOptions, RunningConsumer};
 use crate::app::producer::{self, ProducerOptions, RunningProducer};
-use crate::config::{parse_duration, Config, RawConfig};
+use crate::config::{parse_duration, Config};
 use crate::observability::Metrics;
 use crate::service::demo::{check_share, DemoProcessor, DemoTopics, FailurePlan, LiveCounts};
 use crate::service::generator::{GeneratorConfig, EVENT_TYPES};
@@ -317,52 +317,41 @@ fn demo_configs(
             config.consumer.topics.join(",")
         );
     }
-    let defaults = RawConfig::default();
+    let defaults = Config::default();
     config.kafka.brokers = bootstrap.to_owned();
-    config.raw.kafka.brokers.0 = bootstrap.to_owned();
     // The demo created the topics itself (the dev broker has no CreateTopics API).
     config.kafka.auto_create_topics = false;
-    config.raw.kafka.auto_create_topics = false;
-    if config.raw.kafka.retry.backoff == defaults.kafka.retry.backoff {
+    if config.retry.backoff == defaults.retry.backoff {
         config.retry.backoff = DEMO_BACKOFF.to_vec();
-        config.raw.kafka.retry.backoff.0 = DEMO_BACKOFF
-            .iter()
-            .map(|d| humantime::format_duration(*d).to_string())
-            .collect();
     }
-    if config.raw.health.probe_interval_ms == defaults.health.probe_interval_ms {
+    if config.health.probe_interval == defaults.health.probe_interval {
         config.health.probe_interval = DEMO_PROBE_INTERVAL;
-        config.raw.health.probe_interval_ms = DEMO_PROBE_INTERVAL.as_millis() as i64;
     }
     let producer_ops = demo_addresses(&mut config, &defaults, notes);
     let mut producer_cfg = config.clone();
-    producer_cfg.ops_addr = producer_ops;
+    producer_cfg.ops.addr = producer_ops;
     Ok((producer_cfg, config))
 }
 
 /// Puts the consumer's ops server and the ingest API on loopback unless the user chose
 /// addresses, falls back to free ports where taken, and returns the producer's ops address
 /// (the next port up; the consumer's `OPS_ADDR` is the one the banner shows).
-fn demo_addresses(
-    config: &mut Config,
-    defaults: &RawConfig,
-    notes: &mut Vec<String>,
-) -> SocketAddr {
-    let wanted_ops = if config.raw.ops.addr == defaults.ops.addr {
+fn demo_addresses(config: &mut Config, defaults: &Config, notes: &mut Vec<String>) -> SocketAddr {
+    let wanted_ops = if config.ops.addr == defaults.ops.addr {
         DEMO_OPS_ADDR
     } else {
-        config.ops_addr
+        config.ops.addr
     };
-    let wanted_http = if config.raw.http.addr == defaults.http.addr {
+    let wanted_http = if config.http.addr == defaults.http.addr {
         DEMO_HTTP_ADDR
     } else {
         config.http.addr
     };
-    config.ops_addr = available("OPS_ADDR", wanted_ops, notes);
+    config.ops.addr = available("OPS_ADDR", wanted_ops, notes);
     config.http.addr = available("HTTP_ADDR", wanted_http, notes);
-    let producer_ops = match config.ops_addr.port() {
-        0 | u16::MAX => SocketAddr::new(config.ops_addr.ip(), 0),
-        p => SocketAddr::new(config.ops_addr.ip(), p + 1),
+    let producer_ops = match config.ops.addr.port() {
+        0 | u16::MAX => SocketAddr::new(config.ops.addr.ip(), 0),
+        p => SocketAddr::new(config.ops.addr.ip(), p + 1),
     };
     available("the producer's ops address", producer_ops, notes)
 }
@@ -792,8 +781,8 @@ mod tests {
         let (p, c) = demo_configs(load(&[]), broker, &mut notes).unwrap();
         assert_eq!(c.kafka.brokers, broker);
         assert_eq!(c.retry.backoff, DEMO_BACKOFF.to_vec());
-        assert!(c.ops_addr.ip().is_loopback() && c.http.addr.ip().is_loopback());
-        assert_ne!(p.ops_addr, c.ops_addr);
+        assert!(c.ops.addr.ip().is_loopback() && c.http.addr.ip().is_loopback());
+        assert_ne!(p.ops.addr, c.ops.addr);
         assert_eq!(c.health.probe_interval, DEMO_PROBE_INTERVAL);
         assert!(!c.kafka.auto_create_topics);
         let user = load(&[
@@ -806,7 +795,7 @@ mod tests {
             c.retry.backoff,
             vec![Duration::from_millis(200), Duration::from_millis(300)]
         );
-        assert_eq!((c.ops_addr.port(), p.ops_addr.port()), (0, 0));
+        assert_eq!((c.ops.addr.port(), p.ops.addr.port()), (0, 0));
         assert_eq!(c.health.probe_interval, Duration::from_millis(100));
         let bad = load(&[("KAFKA_PRODUCER_TOPIC", "elsewhere")]);
         let e = demo_configs(bad, broker, &mut notes).unwrap_err();

@@ -57,7 +57,7 @@ pub async fn start(
     let publisher: Arc<dyn Publisher> = kafka.clone();
     let ledger = Arc::new(Ledger::default());
     let (ops_addr, ops_task) = serve_ops(
-        config.ops_addr,
+        config.ops.addr,
         metrics.clone(),
         readiness.clone(),
         shutdown.clone(),

@@ -77,6 +77,35 @@ pub fn print_config(config: &Config, out: &mut impl Write) -> std::io::Result<()
     out.write_all(config.to_toml().as_bytes())
 }
 
+/// `courier config` flags: without one, the effective configuration.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+#[group(multiple = false)]
+pub struct ConfigArgs {
+    /// Print the README's table of every variable (Markdown) instead.
+    #[arg(long)]
+    pub markdown: bool,
+    /// Print config/courier.toml, every key with its default and meaning, instead.
+    #[arg(long, visible_alias = "toml")]
+    pub toml_template: bool,
+}
+
+/// `courier config --markdown` or `--toml-template`: the docs generated from the definition
+/// of every setting. Returns whether a flag asked for them.
+///
+/// # Errors
+/// When stdout cannot be written.
+pub fn print_config_docs(args: ConfigArgs, out: &mut impl Write) -> std::io::Result<bool> {
+    let text = if args.markdown {
+        crate::config::docs::markdown_table()
+    } else if args.toml_template {
+        crate::config::docs::toml_template()
+    } else {
+        return Ok(false);
+    };
+    out.write_all(text.as_bytes())?;
+    Ok(true)
+}
+
 /// The config file argument: `--config` wins over `COURIER_CONFIG`.
 pub fn load_config(path: Option<&Path>) -> Result<Config, crate::config::ConfigError> {
     Config::load(path)

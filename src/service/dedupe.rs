@@ -434,7 +434,7 @@ mod tests {
                         let n = (step + thread * 125) % IDS;
                         if store.claim(&n.to_string(), None) == Claim::Acquired {
                             acquired[n].fetch_add(1, Ordering::Relaxed);
-                            if n % 2 == 0 {
+                            if n.is_multiple_of(2) {
                                 store.complete(&n.to_string(), 1);
                             }
                         }

@@ -240,7 +240,20 @@ async fn read_body(s: &IngestState, headers: &HeaderMap, body: Body) -> Result<B
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // The whole body must arrive within the request deadline: a client that stalls or
+    // trickles it cannot hold the connection (and its task) open for longer.
+    let deadline = s.cfg.request_timeout;
+    let Ok(read) = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await else {
+        return Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the body did not arrive within {} ms (HTTP_REQUEST_TIMEOUT_MS)",
+                deadline.as_millis()
+            ),
+            None,
+        ));
+    };
+    read.map_err(|e| {
         let length_limit = std::error::Error::source(&e)
             .is_some_and(|src| src.is::<http_body_util::LengthLimitError>());
         if length_limit {
@@ -529,6 +542,38 @@ mod tests {
             assert!(
                 json["error"].is_string(),
                 "JSON error for {body:.60}: {json}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_or_trickles_gets_408_after_the_deadline() {
+        use futures::StreamExt;
+        type Chunk = Result<Bytes, std::io::Error>;
+        let stalls = futures::stream::iter([Ok(Bytes::from_static(b"{\"type\":"))])
+            .chain(futures::stream::pending::<Chunk>());
+        // A byte every 20 ms: never idle long, but never done within the deadline either.
+        let trickles = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Some((Chunk::Ok(Bytes::from_static(b" ")), ()))
+        });
+        for body in [Body::from_stream(stalls), Body::from_stream(trickles)] {
+            let started = std::time::Instant::now();
+            let req = Request::post("/v1/events")
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap();
+            let resp = tokio::time::timeout(
+                Duration::from_secs(10),
+                app(never_publishes(), true).oneshot(req),
+            )
+            .await
+            .expect("an answer within 10 s, not a connection held open")
+            .unwrap();
+            assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+            assert!(
+                started.elapsed() >= Duration::from_millis(200),
+                "not before HTTP_REQUEST_TIMEOUT_MS"
             );
         }
     }

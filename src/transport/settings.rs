@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use rdkafka::ClientConfig;
 
-use crate::config::{Acks, Config};
+use crate::config::Config;
 
 /// Which client the properties are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,42 @@ pub struct Conflict {
 
 /// librdkafka properties for `role`, and the passthrough conflicts found.
 pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String>, Vec<Conflict>) {
+    let typed = typed_properties(config, role);
+    let mut conflicts = Vec::new();
+    let mut out = typed.clone();
+    // Tuning defaults: courier's choice, but a passthrough may change them without conflict.
+    let tuning = match role {
+        ClientRole::Consumer => CONSUMER_TUNING,
+        ClientRole::Producer => PRODUCER_TUNING,
+        ClientRole::Admin => &[],
+    };
+    for (name, value) in tuning {
+        out.insert((*name).to_owned(), (*value).to_owned());
+    }
+    for (name, value) in &config.rdkafka {
+        match typed.get(name) {
+            Some(t) if t != value => conflicts.push(Conflict {
+                property: name.clone(),
+                passthrough: value.clone(),
+                typed: if crate::config::is_secret_property(name) {
+                    "[redacted]".into()
+                } else {
+                    t.clone()
+                },
+            }),
+            Some(_) => {}
+            None => {
+                if role_accepts(role, name) {
+                    out.insert(name.clone(), value.clone());
+                }
+            }
+        }
+    }
+    (out, conflicts)
+}
+
+/// The properties the typed settings decide for `role`.
+fn typed_properties(config: &Config, role: ClientRole) -> BTreeMap<String, String> {
     let k = &config.kafka;
     let mut typed = BTreeMap::new();
     let mut set = |name: &str, value: String| {
@@ -55,15 +91,7 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
     match role {
         ClientRole::Producer => {
             let p = &config.producer;
-            set(
-                "acks",
-                match p.acks {
-                    Acks::None => "0",
-                    Acks::Leader => "1",
-                    Acks::All => "all",
-                }
-                .to_owned(),
-            );
+            set("acks", p.acks.as_str().to_owned());
             set("enable.idempotence", p.idempotent.to_string());
             set("message.send.max.retries", p.retries.to_string());
             set("compression.type", p.compression.as_str().to_owned());
@@ -82,6 +110,10 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
         ClientRole::Consumer => {
             let c = &config.consumer;
             set("group.id", c.group_id.clone());
+            set(
+                "partition.assignment.strategy",
+                c.assignment_strategy.as_str().to_owned(),
+            );
             // Offsets are committed explicitly, and only once a message is finished.
             set("enable.auto.commit", "false".into());
             set("enable.auto.offset.store", "false".into());
@@ -89,44 +121,10 @@ pub fn properties(config: &Config, role: ClientRole) -> (BTreeMap<String, String
             set("fetch.min.bytes", c.fetch_min_bytes.to_string());
             set("fetch.max.bytes", c.fetch_max_bytes.to_string());
             set("enable.partition.eof", "false".into());
-            set(
-                "partition.assignment.strategy",
-                c.assignment_strategy.as_str().into(),
-            );
         }
         ClientRole::Admin => {}
     }
-    let mut conflicts = Vec::new();
-    let mut out = typed.clone();
-    // Tuning defaults: courier's choice, but a passthrough may change them without conflict.
-    let tuning = match role {
-        ClientRole::Consumer => CONSUMER_TUNING,
-        ClientRole::Producer => PRODUCER_TUNING,
-        ClientRole::Admin => &[],
-    };
-    for (name, value) in tuning {
-        out.insert((*name).to_owned(), (*value).to_owned());
-    }
-    for (name, value) in &k.passthrough {
-        match typed.get(name) {
-            Some(t) if t != value => conflicts.push(Conflict {
-                property: name.clone(),
-                passthrough: value.clone(),
-                typed: if crate::config::is_secret_property(name) {
-                    "[redacted]".into()
-                } else {
-                    t.clone()
-                },
-            }),
-            Some(_) => {}
-            None => {
-                if role_accepts(role, name) {
-                    out.insert(name.clone(), value.clone());
-                }
-            }
-        }
-    }
-    (out, conflicts)
+    typed
 }
 
 /// Consumer tuning defaults that `RDKAFKA_*` may override:
@@ -273,6 +271,23 @@ mod tests {
             !prod.contains_key("session.timeout.ms"),
             "consumer-only passthrough stays off the producer"
         );
+    }
+
+    #[test]
+    fn assignment_strategy_is_typed_and_wins_over_the_passthrough() {
+        let (p, conflicts) = properties(&config(&[]), ClientRole::Consumer);
+        assert_eq!(p["partition.assignment.strategy"], "cooperative-sticky");
+        assert!(conflicts.is_empty());
+        let c = config(&[
+            ("KAFKA_CONSUMER_ASSIGNMENT_STRATEGY", "range"),
+            ("RDKAFKA_PARTITION_ASSIGNMENT_STRATEGY", "roundrobin"),
+        ]);
+        let (p, conflicts) = properties(&c, ClientRole::Consumer);
+        assert_eq!(p["partition.assignment.strategy"], "range");
+        assert_eq!(conflicts[0].property, "partition.assignment.strategy");
+        assert_eq!(conflicts[0].passthrough, "roundrobin");
+        let (prod, _) = properties(&c, ClientRole::Producer);
+        assert!(!prod.contains_key("partition.assignment.strategy"));
     }
 
     #[test]
