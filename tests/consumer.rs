@@ -12,7 +12,7 @@ use common::{
 };
 use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
 use courier::model::*;
-use courier::service::pipeline::Summary;
+use courier::service::pipeline::ConsumerSummary;
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
@@ -37,7 +37,7 @@ async fn consumer(
     (running, shutdown)
 }
 
-async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> Summary {
+async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> ConsumerSummary {
     shutdown.cancel();
     tokio::time::timeout(T, running.done)
         .await
@@ -46,8 +46,8 @@ async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> Summary 
 }
 
 fn total(
-    summary: &Summary,
-    f: impl Fn(&courier::service::pipeline::PartitionSummary) -> u64,
+    summary: &ConsumerSummary,
+    f: impl Fn(&courier::service::pipeline::PartitionCounts) -> u64,
 ) -> u64 {
     summary.values().map(f).sum()
 }

@@ -12,7 +12,7 @@ use courier::app::dlq::{inspect, replay, FilterFlags, InspectOptions, ReplayOpti
 use courier::config::Config;
 use courier::model::*;
 use courier::service::dlq::{InspectReport, ReplayReport};
-use courier::service::pipeline::Summary;
+use courier::service::pipeline::ConsumerSummary;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -564,7 +564,7 @@ async fn consumer(
     (running, shutdown)
 }
 
-async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> Summary {
+async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> ConsumerSummary {
     shutdown.cancel();
     tokio::time::timeout(T, running.done)
         .await

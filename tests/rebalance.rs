@@ -13,7 +13,7 @@ use common::{header, http_get, wait_for, ScriptedProcessor, Step, TestKafka};
 use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
 use courier::app::dlq::{inspect, replay, FilterFlags, InspectOptions, ReplayOptions};
 use courier::model::*;
-use courier::service::pipeline::Summary;
+use courier::service::pipeline::ConsumerSummary;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,7 @@ async fn consumer(
     (running, shutdown)
 }
 
-async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> Summary {
+async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> ConsumerSummary {
     shutdown.cancel();
     tokio::time::timeout(T, running.done)
         .await

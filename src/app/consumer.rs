@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::observability::{serve_ops, Metrics, Readiness};
 use crate::service::builtin::build_processor;
 use crate::service::dedupe::{DedupeStore, MemoryDedupe};
-use crate::service::pipeline::{self, PipelineConfig, Summary};
+use crate::service::pipeline::{self, ConsumerSummary, PipelineConfig};
 use crate::service::worker::WorkerContext;
 use crate::service::{Processor, Publisher};
 use crate::transport::{consumer, HealthChecker, KafkaPublisher};
@@ -39,7 +39,7 @@ pub struct RunningConsumer {
     /// Its metrics.
     pub metrics: Metrics,
     /// Finishes after shutdown with the per-partition summary.
-    pub done: tokio::task::JoinHandle<Summary>,
+    pub done: tokio::task::JoinHandle<ConsumerSummary>,
 }
 
 /// Starts the consumer; it runs until `shutdown` is cancelled.
@@ -109,7 +109,7 @@ pub async fn start(
     tracing::info!(ops = %ops_addr, group = %config.consumer.group_id, topics = ?config.consumer.topics, workers = cfg.workers, max_in_flight = cfg.max_in_flight, brokers = %config.kafka.brokers, "The consumer is running.");
     let flush_timeout = config.producer.flush_timeout;
     let done = tokio::spawn(async move {
-        let control: Arc<dyn crate::service::source::ConsumerControl> = driver.control;
+        let control: Arc<dyn crate::service::source::DriverControl> = driver.control;
         let summary = pipeline::run(
             cfg,
             ctx,

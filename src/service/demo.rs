@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::config::{Config, RetryConfig};
 use crate::model::Delivery;
 use crate::observability::Metrics;
-use crate::service::pipeline::Summary;
+use crate::service::pipeline::ConsumerSummary;
 use crate::service::processor::{ProcessError, Processor};
 
 /// What share of messages fails, and how; the rest succeeds at once.
@@ -434,7 +434,7 @@ impl DemoSummary {
     }
 
     /// Adds the consumer's per-partition counts (its shutdown summary).
-    pub fn add_partitions(&mut self, summary: &Summary, topics: &DemoTopics) {
+    pub fn add_partitions(&mut self, summary: &ConsumerSummary, topics: &DemoTopics) {
         for (tp, p) in summary {
             let level = topics.level(&tp.topic);
             self.ok += p.ok;
@@ -855,16 +855,16 @@ mod tests {
 
     #[test]
     fn the_summary_sums_partitions_by_level() {
-        use crate::service::pipeline::PartitionSummary;
+        use crate::service::pipeline::PartitionCounts;
         use crate::service::source::Tp;
         let t = topics();
-        let mut per = Summary::new();
-        let p = |ok, retried, dead_lettered, duplicates| PartitionSummary {
+        let mut per = ConsumerSummary::new();
+        let p = |ok, retried, dead_lettered, duplicates| PartitionCounts {
             ok,
             retried,
             dead_lettered,
             duplicates,
-            ..PartitionSummary::default()
+            ..PartitionCounts::default()
         };
         per.insert(Tp::new("events", 0), p(80, 15, 3, 2));
         per.insert(Tp::new("events", 1), p(10, 5, 0, 0));

@@ -39,7 +39,7 @@ pub type Epoch = u64;
 
 /// A rebalance event from the driver.
 #[derive(Debug)]
-pub enum Control {
+pub enum DriverEvent {
     /// Partitions newly assigned; each starts at its committed offset, with the given
     /// epoch as its generation and first fetch epoch. The driver has resumed each one, so
     /// no pause of an earlier assignment survives (librdkafka keeps an application pause
@@ -69,7 +69,7 @@ pub type DeliveryBatch = Vec<(Delivery, Epoch)>;
 /// partition's generation: the driver ignores a request about an assignment that was
 /// revoked meanwhile, so nothing leaks onto a later assignment of the same partition.
 #[cfg_attr(test, mockall::automock)]
-pub trait ConsumerControl: Send + Sync + 'static {
+pub trait DriverControl: Send + Sync + 'static {
     /// Stops fetching `tp`.
     fn pause(&self, tp: &Tp, generation: Epoch);
     /// Resumes fetching `tp`.

@@ -90,7 +90,7 @@ impl std::fmt::Debug for WorkerContext {
 }
 
 /// How a retry/DLQ publish ended.
-enum Delivered {
+enum HopResult {
     Acked,
     Aborted,
     TooLarge,
@@ -227,9 +227,9 @@ impl WorkerContext {
             }
         }
         match self.publish_until_acked(d, record, false).await {
-            Delivered::Acked => outcome,
-            Delivered::Aborted => Outcome::Abandoned,
-            Delivered::TooLarge => {
+            HopResult::Acked => outcome,
+            HopResult::Aborted => Outcome::Abandoned,
+            HopResult::TooLarge => {
                 self.dead_letter_pointer(d, attempt, kind, err.reason())
                     .await
             }
@@ -276,9 +276,9 @@ impl WorkerContext {
         );
         tracing::error!(message_id = d.message_id().unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, payload_bytes = size, "A failed message is too large to forward; its DLQ entry points to the original.");
         match self.publish_until_acked(d, record.clone(), false).await {
-            Delivered::Acked => Outcome::DeadLettered,
-            Delivered::Aborted => Outcome::Abandoned,
-            Delivered::TooLarge => {
+            HopResult::Acked => Outcome::DeadLettered,
+            HopResult::Aborted => Outcome::Abandoned,
+            HopResult::TooLarge => {
                 // Even the headers are too large: keep only the courier headers. If the DLQ
                 // refuses even that, the message holds its partition visibly until the DLQ
                 // takes it (or shutdown leaves it uncommitted for the next start).
@@ -287,7 +287,7 @@ impl WorkerContext {
                     .headers
                     .retain(|(k, _)| k.starts_with(crate::model::COURIER_HEADER_PREFIX));
                 match self.publish_until_acked(d, record, true).await {
-                    Delivered::Acked => Outcome::DeadLettered,
+                    HopResult::Acked => Outcome::DeadLettered,
                     _ => Outcome::Abandoned,
                 }
             }
@@ -304,7 +304,7 @@ impl WorkerContext {
         d: &Delivery,
         record: crate::model::OutgoingRecord,
         too_large_is_final: bool,
-    ) -> Delivered {
+    ) -> HopResult {
         let (first, longest) = self.publish_backoff;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(first)
@@ -317,13 +317,13 @@ impl WorkerContext {
         let delivered = loop {
             let attempt = tokio::select! {
                 biased;
-                _ = self.abort.cancelled() => break Delivered::Aborted,
+                _ = self.abort.cancelled() => break HopResult::Aborted,
                 r = self.publisher.publish(record.clone()) => r,
             };
             let e = match attempt {
-                Ok(_) => break Delivered::Acked,
+                Ok(_) => break HopResult::Acked,
                 Err(e) if e.kind == PublishFailure::MessageTooLarge && !too_large_is_final => {
-                    break Delivered::TooLarge
+                    break HopResult::TooLarge
                 }
                 Err(e) => e,
             };
@@ -337,13 +337,13 @@ impl WorkerContext {
                 self.holds.hold(&key, &reason);
             }
             tokio::select! {
-                _ = self.abort.cancelled() => break Delivered::Aborted,
+                _ = self.abort.cancelled() => break HopResult::Aborted,
                 _ = tokio::time::sleep(wait) => {}
             }
         };
         if held {
             self.holds.release(&key);
-            if matches!(delivered, Delivered::Acked) {
+            if matches!(delivered, HopResult::Acked) {
                 tracing::info!(topic = %d.topic, partition = d.partition, offset = d.offset, destination = %record.topic, "A held message was forwarded; its partition moves on.");
             }
         }

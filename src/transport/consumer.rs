@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::model::Delivery;
 use crate::observability::{Metrics, Readiness};
-use crate::service::source::{ConsumerControl, Control, DeliveryBatch, Epoch, Tp};
+use crate::service::source::{DeliveryBatch, DriverControl, DriverEvent, Epoch, Tp};
 use crate::transport::context::ErrorLimiter;
 use crate::transport::settings::{client_config, ClientRole};
 
@@ -174,7 +174,7 @@ impl Shared {
 
 struct DriverContext {
     shared: Arc<Shared>,
-    events: mpsc::Sender<Control>,
+    events: mpsc::Sender<DriverEvent>,
     metrics: Metrics,
     readiness: Arc<Readiness>,
     revoke_wait: Duration,
@@ -273,7 +273,7 @@ impl DriverContext {
         self.readiness.set_group_joined(true);
         self.count_partitions("assigned", list.len());
         if !list.is_empty() {
-            let _ = self.events.blocking_send(Control::Assigned(list));
+            let _ = self.events.blocking_send(DriverEvent::Assigned(list));
         }
     }
 
@@ -309,7 +309,7 @@ impl DriverContext {
 
     fn handshake(&self, consumer: &BaseConsumer<Self>, partitions: &[Tp], lost: bool) {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let sent = self.events.blocking_send(Control::Revoked {
+        let sent = self.events.blocking_send(DriverEvent::Revoked {
             partitions: partitions.to_vec(),
             lost,
             reply: tx,
@@ -432,18 +432,18 @@ impl ConsumerContext for DriverContext {
 }
 
 /// The pipeline's handle on the driver.
-pub struct KafkaConsumerControl {
+pub struct KafkaDriverControl {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for KafkaConsumerControl {
+impl std::fmt::Debug for KafkaDriverControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("KafkaConsumerControl")
+        f.write_str("KafkaDriverControl")
     }
 }
 
-impl ConsumerControl for KafkaConsumerControl {
+impl DriverControl for KafkaDriverControl {
     fn pause(&self, tp: &Tp, generation: Epoch) {
         let mut commands = self.shared.commands.lock();
         commands.pause.insert(tp.clone(), (generation, true));
@@ -483,9 +483,9 @@ impl ConsumerControl for KafkaConsumerControl {
 /// What [`start`] returns: the control handle and the two event streams.
 pub struct Driver {
     /// Pause/resume/seek/commit/close.
-    pub control: Arc<KafkaConsumerControl>,
+    pub control: Arc<KafkaDriverControl>,
     /// Rebalance events.
-    pub events: mpsc::Receiver<Control>,
+    pub events: mpsc::Receiver<DriverEvent>,
     /// Delivery batches.
     pub deliveries: mpsc::Receiver<DeliveryBatch>,
 }
@@ -533,7 +533,7 @@ pub fn start(
         .spawn(move || poll_loop(consumer, thread_shared, deliveries_tx))
         .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
     Ok(Driver {
-        control: Arc::new(KafkaConsumerControl {
+        control: Arc::new(KafkaDriverControl {
             shared,
             thread: Mutex::new(Some(thread)),
         }),

@@ -21,13 +21,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{now_ms, Delivery};
-use crate::service::source::{ConsumerControl, Control, DeliveryBatch, Epoch, Tp};
+use crate::service::source::{DeliveryBatch, DriverControl, DriverEvent, Epoch, Tp};
 use crate::service::worker::{Job, Outcome, WorkerContext};
 
 use lanes::{Completion, LaneJob};
 use partition::{Admit, GateRules, Part};
 use rebalance::PendingRevoke;
-pub use summary::{PartitionSummary, Summary};
+pub use summary::{ConsumerSummary, PartitionCounts};
 
 /// Pipeline sizing and deadlines.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ pub(crate) fn deadline_after(d: Duration) -> Instant {
 struct State {
     cfg: PipelineConfig,
     ctx: Arc<WorkerContext>,
-    control: Arc<dyn ConsumerControl>,
+    control: Arc<dyn DriverControl>,
     lanes: Vec<mpsc::Sender<LaneJob>>,
     parts: HashMap<Tp, Part>,
     in_flight: usize,
@@ -73,7 +73,7 @@ struct State {
     pause_dirty: bool,
     pending: VecDeque<(Delivery, Epoch)>,
     revoke: Option<PendingRevoke>,
-    summary: Summary,
+    summary: ConsumerSummary,
     topic_meters: HashMap<String, Arc<summary::TopicMeters>>,
     round_robin: usize,
 }
@@ -83,11 +83,11 @@ struct State {
 pub async fn run(
     cfg: PipelineConfig,
     ctx: Arc<WorkerContext>,
-    control: Arc<dyn ConsumerControl>,
-    mut events: mpsc::Receiver<Control>,
+    control: Arc<dyn DriverControl>,
+    mut events: mpsc::Receiver<DriverEvent>,
     mut deliveries: mpsc::Receiver<DeliveryBatch>,
     shutdown: CancellationToken,
-) -> Summary {
+) -> ConsumerSummary {
     let (done_tx, mut done_rx) = mpsc::channel::<Completion>(cfg.max_in_flight + 1);
     // A lane never holds more than the in-flight bound, so `try_send` to it cannot fail.
     let lanes = lanes::spawn(cfg.workers, cfg.max_in_flight + 1, &ctx, &done_tx);
@@ -118,8 +118,8 @@ pub async fn run(
                 drain_deadline = deadline_after(cfg.shutdown_timeout);
             }
             ev = events.recv(), if !events_closed => match ev {
-                Some(Control::Assigned(list)) => st.on_assigned(list),
-                Some(Control::Revoked { partitions, lost, reply }) => st.on_revoked(partitions, lost, reply),
+                Some(DriverEvent::Assigned(list)) => st.on_assigned(list),
+                Some(DriverEvent::Revoked { partitions, lost, reply }) => st.on_revoked(partitions, lost, reply),
                 None => {
                     events_closed = true;
                     if !st.draining {
@@ -164,7 +164,7 @@ impl State {
     fn new(
         cfg: PipelineConfig,
         ctx: Arc<WorkerContext>,
-        control: Arc<dyn ConsumerControl>,
+        control: Arc<dyn DriverControl>,
         lanes: Vec<mpsc::Sender<LaneJob>>,
     ) -> Self {
         State {
@@ -181,7 +181,7 @@ impl State {
             pause_dirty: false,
             pending: VecDeque::new(),
             revoke: None,
-            summary: Summary::new(),
+            summary: ConsumerSummary::new(),
             topic_meters: HashMap::new(),
             round_robin: 0,
         }
@@ -418,7 +418,7 @@ impl State {
         self.ctx.metrics.in_flight.set(self.in_flight as i64);
     }
 
-    async fn finish(mut self, done_rx: &mut mpsc::Receiver<Completion>) -> Summary {
+    async fn finish(mut self, done_rx: &mut mpsc::Receiver<Completion>) -> ConsumerSummary {
         // Record whatever finished in the meantime, without waiting.
         while let Ok(c) = done_rx.try_recv() {
             self.on_completion(c);

@@ -7,16 +7,16 @@ use std::sync::Arc;
 
 use crate::model::Delivery;
 use crate::service::offsets::PartitionOffsets;
-use crate::service::source::{ConsumerControl, Epoch, Tp};
+use crate::service::source::{DriverControl, Epoch, Tp};
 
 use super::lanes::Gate;
-use super::summary::{PartitionSummary, TopicMeters};
+use super::summary::{PartitionCounts, TopicMeters};
 
 /// One assignment of a partition.
 pub(super) struct Part {
     pub(super) tp: Arc<Tp>,
     pub(super) meters: Arc<TopicMeters>,
-    pub(super) stats: PartitionSummary,
+    pub(super) stats: PartitionCounts,
     /// Which assignment this is; every request to the driver names it.
     pub(super) generation: Epoch,
     /// Deliveries fetched under another epoch (before a seek) are dropped.
@@ -61,7 +61,7 @@ impl Part {
         Part {
             tp: Arc::new(tp),
             meters,
-            stats: PartitionSummary::default(),
+            stats: PartitionCounts::default(),
             generation,
             fetch_epoch: generation,
             level,
@@ -80,7 +80,7 @@ impl Part {
         d: &Delivery,
         epoch: Epoch,
         rules: &GateRules<'_>,
-        control: &dyn ConsumerControl,
+        control: &dyn DriverControl,
     ) -> Admit {
         if self.fetch_epoch != epoch || self.revoking {
             return Admit::Drop;

@@ -10,7 +10,7 @@ use crate::service::worker::Outcome;
 
 /// Per-partition counts for the shutdown summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PartitionSummary {
+pub struct PartitionCounts {
     /// Messages accepted for processing.
     pub received: u64,
     /// Processed successfully.
@@ -28,9 +28,9 @@ pub struct PartitionSummary {
 }
 
 /// What the pipeline did, per topic and partition.
-pub type Summary = BTreeMap<Tp, PartitionSummary>;
+pub type ConsumerSummary = BTreeMap<Tp, PartitionCounts>;
 
-impl PartitionSummary {
+impl PartitionCounts {
     pub(super) fn count(&mut self, o: Outcome) {
         match o {
             Outcome::Ok => self.ok += 1,
@@ -42,7 +42,7 @@ impl PartitionSummary {
         }
     }
 
-    pub(super) fn add(&mut self, o: &PartitionSummary) {
+    pub(super) fn add(&mut self, o: &PartitionCounts) {
         self.received += o.received;
         self.ok += o.ok;
         self.retried += o.retried;
@@ -92,8 +92,8 @@ impl TopicMeters {
 }
 
 /// Logs the consumer summary and one line per partition.
-pub(super) fn log(summary: &Summary) {
-    let sum = |f: fn(&PartitionSummary) -> u64| summary.values().map(f).sum::<u64>();
+pub(super) fn log(summary: &ConsumerSummary) {
+    let sum = |f: fn(&PartitionCounts) -> u64| summary.values().map(f).sum::<u64>();
     tracing::info!(
         partitions = summary.len(),
         received = sum(|s| s.received),

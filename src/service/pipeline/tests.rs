@@ -1,4 +1,4 @@
-//! The pipeline against a mocked driver (`MockConsumerControl`), a scripted processor and a
+//! The pipeline against a mocked driver (`MockDriverControl`), a scripted processor and a
 //! mocked publisher: retry gate, foreign retries, revokes, reassignments, the byte bound and
 //! faults inside one message. Every wait has a deadline and fails loudly.
 
@@ -18,7 +18,7 @@ use crate::observability::{Metrics, Readiness};
 use crate::service::dedupe::MemoryDedupe;
 use crate::service::processor::{ProcessError, Processor};
 use crate::service::publish::MockPublisher;
-use crate::service::source::MockConsumerControl;
+use crate::service::source::MockDriverControl;
 
 /// Everything the mocked driver was asked.
 #[derive(Default)]
@@ -30,8 +30,8 @@ struct Calls {
     closed: Option<Vec<(Tp, Epoch, i64)>>,
 }
 
-fn control(calls: &Arc<Mutex<Calls>>) -> MockConsumerControl {
-    let mut c = MockConsumerControl::new();
+fn control(calls: &Arc<Mutex<Calls>>) -> MockDriverControl {
+    let mut c = MockDriverControl::new();
     let next = Arc::new(AtomicU64::new(100));
     let k = calls.clone();
     c.expect_seek().returning(move |tp, g, o| {
@@ -146,11 +146,11 @@ fn cfg() -> PipelineConfig {
 
 /// A running pipeline and its inputs.
 struct Harness {
-    events: mpsc::Sender<Control>,
+    events: mpsc::Sender<DriverEvent>,
     deliveries: mpsc::Sender<DeliveryBatch>,
     calls: Arc<Mutex<Calls>>,
     shutdown: CancellationToken,
-    run: tokio::task::JoinHandle<Summary>,
+    run: tokio::task::JoinHandle<ConsumerSummary>,
 }
 
 impl Harness {
@@ -178,7 +178,7 @@ impl Harness {
 
     async fn assign(&self, tp: &Tp, generation: Epoch) {
         self.events
-            .send(Control::Assigned(vec![(tp.clone(), generation)]))
+            .send(DriverEvent::Assigned(vec![(tp.clone(), generation)]))
             .await
             .expect("pipeline running");
     }
@@ -187,7 +187,7 @@ impl Harness {
     async fn revoke(&self, tp: &Tp, lost: bool) -> std::sync::mpsc::Receiver<Vec<(Tp, i64)>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.events
-            .send(Control::Revoked {
+            .send(DriverEvent::Revoked {
                 partitions: vec![tp.clone()],
                 lost,
                 reply: tx,
@@ -201,7 +201,7 @@ impl Harness {
         self.deliveries.send(batch).await.expect("pipeline running");
     }
 
-    async fn stop(self) -> (Summary, Arc<Mutex<Calls>>) {
+    async fn stop(self) -> (ConsumerSummary, Arc<Mutex<Calls>>) {
         self.shutdown.cancel();
         let summary = tokio::time::timeout(Duration::from_secs(10), self.run)
             .await
