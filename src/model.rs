@@ -237,6 +237,60 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+/// How a message's handling ended: the vocabulary of the pipeline, its summary and its
+/// metrics (`courier_messages_processed_total{outcome}`), mapped to labels in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed successfully.
+    Ok,
+    /// Published to the retry topic of this level.
+    Retried(u32),
+    /// Published to the DLQ.
+    DeadLettered,
+    /// A duplicate `message-id`: skipped.
+    Duplicate,
+    /// A retry message of another consumer group: skipped.
+    Skipped,
+    /// Not finished: shutdown or a revoke cut it short, or it was never started. Its offset
+    /// stays uncommitted, so it is consumed again (after a restart, or by the next owner).
+    Abandoned,
+}
+
+impl Outcome {
+    /// The outcomes that finish a message, in label order.
+    pub const FINISHED: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Retried(1),
+        Outcome::DeadLettered,
+        Outcome::Duplicate,
+        Outcome::Skipped,
+    ];
+
+    /// The `outcome` label of `courier_messages_processed_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Retried(_) => "retry",
+            Outcome::DeadLettered => "dlq",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Skipped => "skipped",
+            Outcome::Abandoned => "abandoned",
+        }
+    }
+
+    /// Its place in [`Outcome::FINISHED`]; `None` for an unfinished message.
+    pub fn finished_index(self) -> Option<usize> {
+        match self {
+            Outcome::Ok => Some(0),
+            Outcome::Retried(_) => Some(1),
+            Outcome::DeadLettered => Some(2),
+            Outcome::Duplicate => Some(3),
+            Outcome::Skipped => Some(4),
+            Outcome::Abandoned => None,
+        }
+    }
+}
+
 /// courier's headers of one message. A malformed value (not UTF-8, not a number, too long)
 /// is treated as absent and its name listed in `malformed`, never an error.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,7 +6,6 @@ pub mod dedupe;
 pub mod demo;
 pub mod dlq;
 pub mod generator;
-pub mod holds;
 pub mod ingest;
 pub mod offsets;
 pub mod pipeline;

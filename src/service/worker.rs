@@ -3,7 +3,7 @@
 //! retried with back-off until the broker acknowledges it, so the message is finished only
 //! once it is safely on its next topic. Faults stay inside one message (DESIGN.md,
 //! guarantee 9): a panicking processor is a fatal failure, and a publish that fails for a
-//! reason that will not heal by itself holds the message visibly (see [`Holds`]).
+//! reason that will not heal by itself holds the message visibly (see [`Readiness::hold`]).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -15,44 +15,17 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetryConfig;
+pub use crate::model::Outcome;
 use crate::model::{failure_record, now_ms, Delivery, ErrorKind, FailureHop};
+use crate::observability::events::{
+    At, DuplicateSkipped, HeldMessageForwarded, HopPublishFailed, MessageHeld, Processed,
+    ProcessorPanicked, RetryStarted, SentToDlq, SentToRetry, TooLargeToForward, WithoutId,
+};
 use crate::observability::Metrics;
+use crate::observability::Readiness;
 use crate::service::dedupe::{Claim, DedupeStore};
-use crate::service::holds::Holds;
 use crate::service::processor::{ProcessError, Processor};
 use crate::service::publish::{PublishFailure, Publisher};
-
-/// How a message finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Processed successfully.
-    Ok,
-    /// Published to the retry topic of this level.
-    Retried(u32),
-    /// Published to the DLQ.
-    DeadLettered,
-    /// A duplicate `message-id`: skipped.
-    Duplicate,
-    /// A retry message of another consumer group: skipped.
-    Skipped,
-    /// Not finished: shutdown cut its retry/DLQ publish short. Its offset stays
-    /// uncommitted, so it is consumed again after a restart.
-    Abandoned,
-}
-
-impl Outcome {
-    /// The `outcome` label of `courier_messages_processed_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Retried(_) => "retry",
-            Outcome::DeadLettered => "dlq",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Skipped => "skipped",
-            Outcome::Abandoned => "abandoned",
-        }
-    }
-}
 
 /// Everything a lane needs, shared by all lanes.
 pub struct WorkerContext {
@@ -78,7 +51,7 @@ pub struct WorkerContext {
     /// horizon the pipeline trusts, so a retry is never treated as due early.
     pub max_retry_delay: Duration,
     /// Where messages that cannot move on are reported.
-    pub holds: Arc<dyn Holds>,
+    pub holds: Arc<Readiness>,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -118,19 +91,21 @@ impl WorkerContext {
                 match self.dedupe.claim(id, replayed) {
                     Claim::Acquired => true,
                     Claim::Duplicate | Claim::InProgress => {
-                        tracing::info!(message_id = id, topic = %d.topic, partition = d.partition, offset = d.offset, "Skipped a duplicate message.");
+                        self.metrics.emit(DuplicateSkipped(at(d)));
                         return Outcome::Duplicate;
                     }
                 }
             }
             None => {
-                self.metrics.messages_without_id.inc();
+                self.metrics.emit(WithoutId);
                 false
             }
         };
         if let Some(due) = job.due_at_ms {
-            let late_ms = (now_ms() - due).max(0);
-            self.metrics.retry_lateness.observe(late_ms as f64 / 1000.0);
+            let late_ms = now_ms().saturating_sub(due).max(0);
+            self.metrics.emit(RetryStarted {
+                late: Duration::from_millis(late_ms as u64),
+            });
         }
         let started = Instant::now();
         let result = match AssertUnwindSafe(self.processor.process(d))
@@ -140,17 +115,19 @@ impl WorkerContext {
             Ok(result) => result,
             Err(panic) => {
                 let reason = format!("the processor panicked: {}", panic_message(&*panic));
-                tracing::error!(message_id = id.unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, error = %reason, "The processor panicked; the message is a fatal failure.");
+                self.metrics.emit(ProcessorPanicked {
+                    at: at(d),
+                    reason: &reason,
+                });
                 Err(ProcessError::Fatal(reason))
             }
         };
-        self.metrics
-            .processing_duration
-            .observe(started.elapsed().as_secs_f64());
-        if let Some(ts) = d.timestamp_ms {
-            let e2e = (now_ms() - ts).max(0) as f64 / 1000.0;
-            self.metrics.end_to_end_latency.observe(e2e);
-        }
+        self.metrics.emit(Processed {
+            took: started.elapsed(),
+            end_to_end: d
+                .timestamp_ms
+                .map(|ts| Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64)),
+        });
         match result {
             Ok(()) => {
                 if let (true, Some(id)) = (claimed, id) {
@@ -217,14 +194,22 @@ impl WorkerContext {
                 failed_at_ms: now,
             },
         );
-        let message_id = d.message_id().unwrap_or("");
         match outcome {
-            Outcome::Retried(level) => {
-                tracing::warn!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, retry_topic = %topic, retry_level = level, due_at_ms = due.unwrap_or_default(), error = err.reason(), "Processing failed; the message goes to a retry topic.")
-            }
-            _ => {
-                tracing::error!(message_id, topic = %d.topic, partition = d.partition, offset = d.offset, attempt, dlq_topic = %topic, error_kind = kind.as_str(), error = err.reason(), "Processing failed; the message goes to the dead-letter topic.")
-            }
+            Outcome::Retried(level) => self.metrics.emit(SentToRetry {
+                at: at(d),
+                attempt,
+                retry_topic: &topic,
+                level,
+                due_at_ms: due.unwrap_or_default(),
+                error: err.reason(),
+            }),
+            _ => self.metrics.emit(SentToDlq {
+                at: at(d),
+                attempt,
+                dlq_topic: &topic,
+                error_kind: kind.as_str(),
+                error: err.reason(),
+            }),
         }
         match self.publish_until_acked(d, record, false).await {
             HopResult::Acked => outcome,
@@ -274,7 +259,10 @@ impl WorkerContext {
                 failed_at_ms: now_ms(),
             },
         );
-        tracing::error!(message_id = d.message_id().unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, payload_bytes = size, "A failed message is too large to forward; its DLQ entry points to the original.");
+        self.metrics.emit(TooLargeToForward {
+            at: at(d),
+            payload_bytes: size,
+        });
         match self.publish_until_acked(d, record.clone(), false).await {
             HopResult::Acked => Outcome::DeadLettered,
             HopResult::Aborted => Outcome::Abandoned,
@@ -329,11 +317,19 @@ impl WorkerContext {
             };
             let wait = backoff.next().unwrap_or(longest);
             if e.kind.heals_by_itself() {
-                tracing::warn!(topic = %record.topic, error = %e, retry_in_ms = wait.as_millis() as u64, "A retry/DLQ publish failed; it will be retried and holds the commit point.");
+                self.metrics.emit(HopPublishFailed {
+                    destination: &record.topic,
+                    error: &e.to_string(),
+                    retry_in: wait,
+                });
             } else if !held {
                 held = true;
                 let reason = format!("its publish to {} fails: {e}", record.topic);
-                tracing::error!(message_id = d.message_id().unwrap_or(""), topic = %d.topic, partition = d.partition, offset = d.offset, destination = %record.topic, error = %e, "A message cannot be forwarded and holds its partition until the cause is fixed; courier keeps trying.");
+                self.metrics.emit(MessageHeld {
+                    at: at(d),
+                    destination: &record.topic,
+                    error: &e.to_string(),
+                });
                 self.holds.hold(&key, &reason);
             }
             tokio::select! {
@@ -344,10 +340,23 @@ impl WorkerContext {
         if held {
             self.holds.release(&key);
             if matches!(delivered, HopResult::Acked) {
-                tracing::info!(topic = %d.topic, partition = d.partition, offset = d.offset, destination = %record.topic, "A held message was forwarded; its partition moves on.");
+                self.metrics.emit(HeldMessageForwarded {
+                    at: at(d),
+                    destination: &record.topic,
+                });
             }
         }
         delivered
+    }
+}
+
+/// Where `d` is, for events.
+fn at(d: &Delivery) -> At<'_> {
+    At {
+        message_id: d.message_id().unwrap_or(""),
+        topic: &d.topic,
+        partition: d.partition,
+        offset: d.offset,
     }
 }
 

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use futures::FutureExt;
 use tokio::sync::mpsc;
 
+use crate::model::Outcome;
+use crate::observability::events::{At, HandlingPanicked};
 use crate::service::source::{Epoch, Tp};
-use crate::service::worker::{Job, Outcome, WorkerContext};
+use crate::service::worker::{Job, WorkerContext};
 
 const CLOSED: u64 = 1 << 63;
 
@@ -130,7 +132,15 @@ async fn handle(ctx: &WorkerContext, lj: &LaneJob) -> Outcome {
                 "handling the message panicked: {}",
                 crate::service::worker::panic_message(&*panic)
             );
-            tracing::error!(topic = %d.topic, partition = d.partition, offset = d.offset, error = %reason, "A message could not be handled; it holds its partition until a restart.");
+            ctx.metrics.emit(HandlingPanicked {
+                at: At {
+                    message_id: d.message_id().unwrap_or(""),
+                    topic: &d.topic,
+                    partition: d.partition,
+                    offset: d.offset,
+                },
+                reason: &reason,
+            });
             ctx.holds.hold(
                 &format!("{}/{}@{}", d.topic, d.partition, d.offset),
                 &reason,

@@ -20,9 +20,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::Outcome;
 use crate::model::{now_ms, Delivery};
+use crate::observability::events::{
+    At, FinishedAfterRevoke, ForeignRetrySkipped, PipelineState, TopicCounters,
+};
 use crate::service::source::{DeliveryBatch, DriverControl, DriverEvent, Epoch, Tp};
-use crate::service::worker::{Job, Outcome, WorkerContext};
+use crate::service::worker::{Job, WorkerContext};
 
 use lanes::{Completion, LaneJob};
 use partition::{Admit, GateRules, Part};
@@ -74,7 +78,7 @@ struct State {
     pending: VecDeque<(Delivery, Epoch)>,
     revoke: Option<PendingRevoke>,
     summary: ConsumerSummary,
-    topic_meters: HashMap<String, Arc<summary::TopicMeters>>,
+    topic_counters: HashMap<String, TopicCounters>,
     round_robin: usize,
 }
 
@@ -182,7 +186,7 @@ impl State {
             pending: VecDeque::new(),
             revoke: None,
             summary: ConsumerSummary::new(),
-            topic_meters: HashMap::new(),
+            topic_counters: HashMap::new(),
             round_robin: 0,
         }
     }
@@ -240,7 +244,10 @@ impl State {
                 self.pause_dirty = true;
             }
         }
-        self.ctx.metrics.in_flight.set(self.in_flight as i64);
+        self.ctx.metrics.emit(PipelineState {
+            in_flight: Some(self.in_flight),
+            ..PipelineState::default()
+        });
     }
 
     /// When a sustained saturation should turn into paused partitions, if it may.
@@ -260,6 +267,7 @@ impl State {
         let rules = GateRules {
             group: &self.ctx.group,
             now_ms: now,
+            metrics: &self.ctx.metrics,
             horizon_ms: now.saturating_add(
                 i64::try_from(self.cfg.max_due_ahead.as_millis()).unwrap_or(i64::MAX),
             ),
@@ -271,9 +279,14 @@ impl State {
                 return;
             }
             Admit::Skip => {
-                tracing::debug!(topic = %d.topic, partition = d.partition, offset = d.offset, "Skipped another consumer group's retry message.");
+                self.ctx.metrics.emit(ForeignRetrySkipped(At {
+                    message_id: d.message_id().unwrap_or(""),
+                    topic: &d.topic,
+                    partition: d.partition,
+                    offset: d.offset,
+                }));
                 part.offsets.start(d.offset);
-                part.meters.received.inc();
+                part.counters.received();
                 part.stats.received += 1;
                 let (tp, generation) = (part.tp.clone(), part.generation);
                 self.in_flight += 1;
@@ -291,7 +304,7 @@ impl State {
         };
         let bytes = d.size_bytes();
         part.offsets.start(d.offset);
-        part.meters.received.inc();
+        part.counters.received();
         part.stats.received += 1;
         self.in_flight += 1;
         self.in_flight_bytes += bytes;
@@ -326,8 +339,8 @@ impl State {
         match self.parts.get_mut(&*c.tp) {
             Some(part) if part.generation == c.generation => {
                 part.stats.count(c.outcome);
-                if let Some(m) = part.meters.processed(c.outcome) {
-                    m.inc();
+                part.counters.finished(c.outcome);
+                if c.outcome != Outcome::Abandoned {
                     part.offsets.finish(c.offset);
                 }
             }
@@ -337,13 +350,10 @@ impl State {
                     .entry((*c.tp).clone())
                     .or_default()
                     .count(c.outcome);
-                if c.outcome != Outcome::Abandoned {
-                    self.ctx
-                        .metrics
-                        .messages_processed
-                        .with_label_values(&[&c.tp.topic, c.outcome.label()])
-                        .inc();
-                }
+                self.ctx.metrics.emit(FinishedAfterRevoke {
+                    topic: &c.tp.topic,
+                    outcome: c.outcome,
+                });
             }
         }
     }
@@ -380,9 +390,12 @@ impl State {
                 }
                 p.paused = want;
             }
-            paused += i64::from(p.paused);
+            paused += usize::from(p.paused);
         }
-        self.ctx.metrics.paused_partitions.set(paused);
+        self.ctx.metrics.emit(PipelineState {
+            paused_partitions: Some(paused),
+            ..PipelineState::default()
+        });
     }
 
     /// The commit point of every partition that is not being revoked.
@@ -411,11 +424,11 @@ impl State {
         if !offsets.is_empty() {
             self.control.commit(offsets);
         }
-        self.ctx
-            .metrics
-            .dedupe_entries
-            .set(self.ctx.dedupe.len() as i64);
-        self.ctx.metrics.in_flight.set(self.in_flight as i64);
+        self.ctx.metrics.emit(PipelineState {
+            in_flight: Some(self.in_flight),
+            dedupe_entries: Some(self.ctx.dedupe.len()),
+            ..PipelineState::default()
+        });
     }
 
     async fn finish(mut self, done_rx: &mut mpsc::Receiver<Completion>) -> ConsumerSummary {
@@ -432,7 +445,10 @@ impl State {
         }
         let control = self.control.clone();
         let _ = tokio::task::spawn_blocking(move || control.close(offsets)).await;
-        self.ctx.metrics.in_flight.set(0);
+        self.ctx.metrics.emit(PipelineState {
+            in_flight: Some(0),
+            ..PipelineState::default()
+        });
         summary::log(&self.summary);
         self.summary
     }

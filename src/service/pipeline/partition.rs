@@ -10,12 +10,16 @@ use crate::service::offsets::PartitionOffsets;
 use crate::service::source::{DriverControl, Epoch, Tp};
 
 use super::lanes::Gate;
-use super::summary::{PartitionCounts, TopicMeters};
+use super::summary::PartitionCounts;
+use crate::observability::events::{
+    At, DueTimeBeyondHorizon, MalformedCourierHeaders, TopicCounters,
+};
+use crate::observability::Metrics;
 
 /// One assignment of a partition.
 pub(super) struct Part {
     pub(super) tp: Arc<Tp>,
-    pub(super) meters: Arc<TopicMeters>,
+    pub(super) counters: TopicCounters,
     pub(super) stats: PartitionCounts,
     /// Which assignment this is; every request to the driver names it.
     pub(super) generation: Epoch,
@@ -52,15 +56,17 @@ pub(super) struct GateRules<'a> {
     pub(super) group: &'a str,
     /// Epoch milliseconds now.
     pub(super) now_ms: i64,
+    /// Where events go.
+    pub(super) metrics: &'a Metrics,
     /// A due time beyond this is treated as malformed (due now).
     pub(super) horizon_ms: i64,
 }
 
 impl Part {
-    pub(super) fn new(tp: Tp, generation: Epoch, level: u32, meters: Arc<TopicMeters>) -> Self {
+    pub(super) fn new(tp: Tp, generation: Epoch, level: u32, counters: TopicCounters) -> Self {
         Part {
             tp: Arc::new(tp),
-            meters,
+            counters,
             stats: PartitionCounts::default(),
             generation,
             fetch_epoch: generation,
@@ -95,8 +101,17 @@ impl Part {
             return Admit::Dispatch { due_at_ms: None };
         }
         let h = d.courier_headers();
+        let at = At {
+            message_id: d.message_id().unwrap_or(""),
+            topic: &d.topic,
+            partition: d.partition,
+            offset: d.offset,
+        };
         if !h.malformed.is_empty() {
-            tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, headers = ?h.malformed, "Malformed courier headers are treated as absent.");
+            rules.metrics.emit(MalformedCourierHeaders {
+                at,
+                headers: &h.malformed,
+            });
         }
         if h.consumer_group
             .as_deref()
@@ -106,7 +121,9 @@ impl Part {
         }
         match h.due_at_ms {
             Some(due) if due > rules.horizon_ms => {
-                tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, due_at_ms = due, "A due time beyond any configured delay is treated as due now.");
+                rules
+                    .metrics
+                    .emit(DueTimeBeyondHorizon { at, due_at_ms: due });
                 Admit::Dispatch { due_at_ms: None }
             }
             Some(due) if due > rules.now_ms => {

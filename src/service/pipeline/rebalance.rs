@@ -5,14 +5,12 @@
 //! answer never touches a later assignment of the same partition.
 
 use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use crate::service::source::{Epoch, Tp};
 
 use super::partition::{retry_level, Part};
-use super::summary::TopicMeters;
 use super::{deadline_after, State};
 
 /// A revoke the pipeline is draining.
@@ -32,12 +30,12 @@ impl State {
         tracing::info!(partitions = ?names(list.iter().map(|(tp, _)| tp)), "Partitions assigned.");
         for (tp, generation) in list {
             let level = retry_level(&self.ctx.retry.topic_prefix, &tp.topic);
-            let meters = self
-                .topic_meters
+            let counters = self
+                .topic_counters
                 .entry(tp.topic.clone())
-                .or_insert_with(|| Arc::new(TopicMeters::new(&self.ctx.metrics, &tp.topic)))
+                .or_insert_with(|| self.ctx.metrics.topic_counters(&tp.topic))
                 .clone();
-            let part = Part::new(tp.clone(), generation, level, meters);
+            let part = Part::new(tp.clone(), generation, level, counters);
             if let Some(old) = self.parts.insert(tp, part) {
                 // An earlier assignment whose revoke was not answered in time: it stays
                 // closed, and its late completions no longer count here.

@@ -1,12 +1,9 @@
-//! What the pipeline did, per topic and partition (the shutdown summary), and the metric
-//! handles of one topic, resolved once instead of per message.
+//! What the pipeline did, per topic and partition: the shutdown summary.
 
 use std::collections::BTreeMap;
 
-use prometheus::IntCounter;
-
+use crate::model::Outcome;
 use crate::service::source::Tp;
-use crate::service::worker::Outcome;
 
 /// Per-partition counts for the shutdown summary.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,44 +47,6 @@ impl PartitionCounts {
         self.duplicates += o.duplicates;
         self.skipped += o.skipped;
         self.abandoned += o.abandoned;
-    }
-}
-
-/// Metric handles of one topic, resolved once instead of per message.
-pub(super) struct TopicMeters {
-    pub(super) received: IntCounter,
-    processed: [IntCounter; 5],
-}
-
-impl TopicMeters {
-    pub(super) fn new(metrics: &crate::observability::Metrics, topic: &str) -> Self {
-        let p = |o: Outcome| {
-            metrics
-                .messages_processed
-                .with_label_values(&[topic, o.label()])
-        };
-        TopicMeters {
-            received: metrics.messages_received.with_label_values(&[topic]),
-            processed: [
-                p(Outcome::Ok),
-                p(Outcome::Retried(1)),
-                p(Outcome::DeadLettered),
-                p(Outcome::Duplicate),
-                p(Outcome::Skipped),
-            ],
-        }
-    }
-
-    /// The counter of a finished outcome; `None` for an unfinished one.
-    pub(super) fn processed(&self, o: Outcome) -> Option<&IntCounter> {
-        match o {
-            Outcome::Ok => Some(&self.processed[0]),
-            Outcome::Retried(_) => Some(&self.processed[1]),
-            Outcome::DeadLettered => Some(&self.processed[2]),
-            Outcome::Duplicate => Some(&self.processed[3]),
-            Outcome::Skipped => Some(&self.processed[4]),
-            Outcome::Abandoned => None,
-        }
     }
 }
 
