@@ -10,52 +10,74 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Every courier metric, registered in its own [`Registry`] (one per service instance, so
-/// tests in one process do not share counters).
-#[derive(Clone)]
-pub struct Metrics {
-    registry: Registry,
+/// Defines [`Metrics`] from one table: each metric's field, type, name, help and labels,
+/// written once (the struct, its registration and the exported families all come from it).
+macro_rules! metrics {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty = $kind:ident($name:literal, $help:literal $(, [$($label:literal),*])?);)*) => {
+        /// Every courier metric, registered in its own [`Registry`] (one per service
+        /// instance, so tests in one process do not share counters).
+        #[derive(Clone)]
+        pub struct Metrics {
+            registry: Registry,
+            families: Arc<[Family]>,
+            $($(#[$doc])* pub $field: $ty,)*
+        }
+
+        impl Metrics {
+            /// A fresh registry with every metric registered.
+            pub fn new() -> Self {
+                let mut r = Registrar::default();
+                Metrics {
+                    $($field: r.register($kind($name, $help, &[$($($label),*)?])),)*
+                    families: r.families.into(),
+                    registry: r.registry,
+                }
+            }
+        }
+    };
+}
+
+metrics! {
     /// `courier_messages_published_total{topic}`.
-    pub messages_published: IntCounterVec,
+    messages_published: IntCounterVec = counter_vec("messages_published_total", "Messages acknowledged by the broker, by topic.", ["topic"]);
     /// `courier_publish_failures_total{topic,reason}`.
-    pub publish_failures: IntCounterVec,
+    publish_failures: IntCounterVec = counter_vec("publish_failures_total", "Publishes that failed, by topic and reason.", ["topic", "reason"]);
     /// `courier_messages_received_total{topic}`.
-    pub messages_received: IntCounterVec,
+    messages_received: IntCounterVec = counter_vec("messages_received_total", "Messages read from Kafka, by topic.", ["topic"]);
     /// `courier_messages_processed_total{topic,outcome}`: ok, retry, dlq, duplicate, skipped.
-    pub messages_processed: IntCounterVec,
+    messages_processed: IntCounterVec = counter_vec("messages_processed_total", "Messages finished, by topic and outcome (ok, retry, dlq, duplicate, skipped).", ["topic", "outcome"]);
     /// `courier_messages_without_id_total`.
-    pub messages_without_id: IntCounter,
+    messages_without_id: IntCounter = counter("messages_without_id_total", "Messages processed without a message-id header (not deduplicated).");
     /// `courier_processing_duration_seconds`.
-    pub processing_duration: Histogram,
+    processing_duration: Histogram = histogram("processing_duration_seconds", "Time the processor took per message.");
     /// `courier_end_to_end_latency_seconds`: processing end minus the Kafka timestamp.
-    pub end_to_end_latency: Histogram,
+    end_to_end_latency: Histogram = histogram("end_to_end_latency_seconds", "From the message's Kafka timestamp to the end of its processing.");
     /// `courier_retry_lateness_seconds`: processing start minus due time.
-    pub retry_lateness: Histogram,
+    retry_lateness: Histogram = histogram("retry_lateness_seconds", "How late a retry ran: processing start minus its due time.");
     /// `courier_in_flight`.
-    pub in_flight: IntGauge,
+    in_flight: IntGauge = gauge("in_flight", "Messages received and not yet finished.");
     /// `courier_consumer_lag{topic,partition}`.
-    pub consumer_lag: IntGaugeVec,
+    consumer_lag: IntGaugeVec = gauge_vec("consumer_lag", "Messages behind the partition's high watermark.", ["topic", "partition"]);
     /// `courier_paused_partitions`.
-    pub paused_partitions: IntGauge,
+    paused_partitions: IntGauge = gauge("paused_partitions", "Partitions paused (back-pressure or a retry not yet due).");
     /// `courier_dedupe_entries`.
-    pub dedupe_entries: IntGauge,
+    dedupe_entries: IntGauge = gauge("dedupe_entries", "message-ids held by the dedupe store.");
     /// `courier_broker_up`.
-    pub broker_up: IntGauge,
+    broker_up: IntGauge = gauge("broker_up", "1 while the broker answers metadata probes.");
     /// `courier_assigned_partitions`: partitions this consumer owns (source and retry topics).
-    pub assigned_partitions: IntGauge,
+    assigned_partitions: IntGauge = gauge("assigned_partitions", "Partitions this consumer owns (source and retry topics).");
     /// `courier_rebalance_partitions_total{kind}`: partitions assigned to, revoked from or
     /// lost by this consumer as the group moves them.
-    pub rebalance_partitions: IntCounterVec,
+    rebalance_partitions: IntCounterVec = counter_vec("rebalance_partitions_total", "Partitions assigned to, revoked from or lost by this consumer (kind).", ["kind"]);
     /// `courier_held_messages`: messages holding their partition because their retry or
     /// DLQ publish fails for a reason that will not heal by itself.
-    pub held_messages: IntGauge,
+    held_messages: IntGauge = gauge("held_messages", "Messages holding their partition because their retry or DLQ publish fails for a reason that will not heal by itself.");
     /// `courier_http_requests_total{route,status}`: ingest API requests by matched route.
-    pub http_requests: IntCounterVec,
+    http_requests: IntCounterVec = counter_vec("http_requests_total", "Ingest API requests by matched route and status.", ["route", "status"]);
     /// `courier_commits_total{result}`: offset commits, ok or error.
-    pub commits: IntCounterVec,
+    commits: IntCounterVec = counter_vec("commits_total", "Offset commits by result.", ["result"]);
     /// `courier_ready`: 1 while `/readyz` would answer 200, kept by `Readiness`.
-    pub ready: IntGauge,
-    families: Arc<[Family]>,
+    ready: IntGauge = gauge("ready", "1 while /readyz answers 200 (broker reachable; consumer: group joined; no message held).");
 }
 
 /// A registered metric family as it is exported: what dashboards and alert rules may use.
@@ -86,147 +108,61 @@ const LATENCY_BUCKETS: &[f64] = &[
     60.0, 300.0,
 ];
 
-impl Metrics {
-    /// A fresh registry with every metric registered.
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let mut families = Vec::new();
-        macro_rules! reg {
-            ($m:expr) => {{
-                let m = $m.expect("metric definition is valid");
-                registry
-                    .register(Box::new(m.clone()))
-                    .expect("metric names are unique");
-                // A vec with no children yet is left out of `gather()`, so the families are
-                // read from each collector's own description instead.
-                for (desc, family) in m.desc().into_iter().zip(m.collect()) {
-                    families.push(Family {
-                        name: desc.fq_name.clone(),
-                        kind: family.get_field_type(),
-                        labels: desc.variable_labels.clone(),
-                    });
-                }
-                m
-            }};
-        }
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            IntCounterVec::new(Opts::new(name, help).namespace("courier"), labels)
-        };
-        let hist = |name: &str, help: &str| {
-            Histogram::with_opts(
-                HistogramOpts::new(name, help)
-                    .namespace("courier")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-            )
-        };
-        Metrics {
-            messages_published: reg!(counter_vec(
-                "messages_published_total",
-                "Messages acknowledged by the broker, by topic.",
-                &["topic"]
-            )),
-            publish_failures: reg!(counter_vec(
-                "publish_failures_total",
-                "Publishes that failed, by topic and reason.",
-                &["topic", "reason"]
-            )),
-            messages_received: reg!(counter_vec(
-                "messages_received_total",
-                "Messages read from Kafka, by topic.",
-                &["topic"]
-            )),
-            messages_processed: reg!(counter_vec(
-                "messages_processed_total",
-                "Messages finished, by topic and outcome (ok, retry, dlq, duplicate, skipped).",
-                &["topic", "outcome"]
-            )),
-            messages_without_id: reg!(IntCounter::with_opts(
-                Opts::new(
-                    "messages_without_id_total",
-                    "Messages processed without a message-id header (not deduplicated)."
-                )
-                .namespace("courier")
-            )),
-            processing_duration: reg!(hist(
-                "processing_duration_seconds",
-                "Time the processor took per message."
-            )),
-            end_to_end_latency: reg!(hist(
-                "end_to_end_latency_seconds",
-                "From the message's Kafka timestamp to the end of its processing."
-            )),
-            retry_lateness: reg!(hist(
-                "retry_lateness_seconds",
-                "How late a retry ran: processing start minus its due time."
-            )),
-            in_flight: reg!(IntGauge::with_opts(
-                Opts::new("in_flight", "Messages received and not yet finished.")
-                    .namespace("courier")
-            )),
-            consumer_lag: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "consumer_lag",
-                    "Messages behind the partition's high watermark."
-                )
-                .namespace("courier"),
-                &["topic", "partition"]
-            )),
-            paused_partitions: reg!(IntGauge::with_opts(
-                Opts::new(
-                    "paused_partitions",
-                    "Partitions paused (back-pressure or a retry not yet due)."
-                )
-                .namespace("courier")
-            )),
-            dedupe_entries: reg!(IntGauge::with_opts(
-                Opts::new("dedupe_entries", "message-ids held by the dedupe store.")
-                    .namespace("courier")
-            )),
-            broker_up: reg!(IntGauge::with_opts(
-                Opts::new("broker_up", "1 while the broker answers metadata probes.")
-                    .namespace("courier")
-            )),
-            assigned_partitions: reg!(IntGauge::with_opts(
-                Opts::new(
-                    "assigned_partitions",
-                    "Partitions this consumer owns (source and retry topics)."
-                )
-                .namespace("courier")
-            )),
-            rebalance_partitions: reg!(counter_vec(
-                "rebalance_partitions_total",
-                "Partitions assigned to, revoked from or lost by this consumer (kind).",
-                &["kind"]
-            )),
-            held_messages: reg!(IntGauge::with_opts(
-                Opts::new(
-                    "held_messages",
-                    "Messages holding their partition because their retry or DLQ publish fails for a reason that will not heal by itself."
-                )
-                .namespace("courier")
-            )),
-            http_requests: reg!(counter_vec(
-                "http_requests_total",
-                "Ingest API requests by matched route and status.",
-                &["route", "status"]
-            )),
-            commits: reg!(counter_vec(
-                "commits_total",
-                "Offset commits by result.",
-                &["result"]
-            )),
-            ready: reg!(IntGauge::with_opts(
-                Opts::new(
-                    "ready",
-                    "1 while /readyz answers 200 (broker reachable; consumer: group joined)."
-                )
-                .namespace("courier")
-            )),
-            registry,
-            families: families.into(),
-        }
-    }
+/// Registers metrics and records their families as it goes.
+#[derive(Default)]
+struct Registrar {
+    registry: Registry,
+    families: Vec<Family>,
+}
 
+impl Registrar {
+    fn register<M: Collector + Clone + 'static>(&mut self, m: prometheus::Result<M>) -> M {
+        let m = m.expect("metric definition is valid");
+        self.registry
+            .register(Box::new(m.clone()))
+            .expect("metric names are unique");
+        // A vec with no children yet is left out of `gather()`, so the families are read
+        // from each collector's own description instead.
+        for (desc, family) in m.desc().into_iter().zip(m.collect()) {
+            self.families.push(Family {
+                name: desc.fq_name.clone(),
+                kind: family.get_field_type(),
+                labels: desc.variable_labels.clone(),
+            });
+        }
+        m
+    }
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("courier")
+}
+
+fn counter(name: &str, help: &str, _: &[&str]) -> prometheus::Result<IntCounter> {
+    IntCounter::with_opts(opts(name, help))
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    IntCounterVec::new(opts(name, help), labels)
+}
+
+fn gauge(name: &str, help: &str, _: &[&str]) -> prometheus::Result<IntGauge> {
+    IntGauge::with_opts(opts(name, help))
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    IntGaugeVec::new(opts(name, help), labels)
+}
+
+fn histogram(name: &str, help: &str, _: &[&str]) -> prometheus::Result<Histogram> {
+    Histogram::with_opts(
+        HistogramOpts::new(name, help)
+            .namespace("courier")
+            .buckets(LATENCY_BUCKETS.to_vec()),
+    )
+}
+
+impl Metrics {
     /// Every registered family, including labelled ones that have no series yet: the names
     /// a dashboard or an alert rule may use (`tests/ops_kit.rs` checks `deploy/` against it).
     pub fn families(&self) -> &[Family] {
