@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::observability::{serve_ops, Metrics, Readiness};
 use crate::service::builtin::build_processor;
-use crate::service::dedupe::{DedupeStore, MemoryDedupe};
+use crate::service::circuit::{Breaker, CircuitSettings};
+use crate::service::dedupe::MemoryDedupe;
+use crate::service::limits::Limits;
 use crate::service::pipeline::{self, ConsumerSummary, PipelineConfig};
 use crate::service::worker::WorkerContext;
 use crate::service::{Processor, Publisher};
@@ -42,6 +44,74 @@ pub struct RunningConsumer {
     pub done: tokio::task::JoinHandle<ConsumerSummary>,
 }
 
+/// The longest delay a retry may get (a processor's `retry_after` is clamped to it); the
+/// horizon beyond which a due time is treated as malformed is a margin above it, so a retry
+/// written by any member of the group is never treated as due early.
+fn max_retry_delay(config: &Config) -> Duration {
+    let longest = config
+        .retry
+        .backoff
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    longest.max(Duration::from_secs(3600))
+}
+
+/// The circuit breaker's settings from `PROCESSOR_CIRCUIT*`.
+fn circuit_settings(config: &Config) -> CircuitSettings {
+    let p = &config.processor;
+    let first = p
+        .circuit_open_for
+        .first()
+        .copied()
+        .unwrap_or(Duration::from_secs(1));
+    CircuitSettings {
+        enabled: p.circuit,
+        failure_ratio: p.circuit_failure_ratio,
+        min_calls: p.circuit_min_calls,
+        window: p.circuit_window,
+        open_for: (first, p.circuit_open_for.last().copied().unwrap_or(first)),
+    }
+}
+
+/// What every worker lane shares, and the pipeline's sizing.
+fn pipeline_parts(
+    config: &Config,
+    processor: Arc<dyn Processor>,
+    publisher: Arc<dyn Publisher>,
+    metrics: &Metrics,
+    readiness: &Arc<Readiness>,
+) -> (Arc<WorkerContext>, PipelineConfig) {
+    let max_retry_delay = max_retry_delay(config);
+    let ctx = Arc::new(WorkerContext {
+        processor,
+        publisher,
+        dedupe: Arc::new(MemoryDedupe::new(config.dedupe.ttl, config.dedupe.capacity)),
+        retry: config.retry.clone(),
+        retry_max: config.consumer.retry_max,
+        group: config.consumer.group_id.clone(),
+        metrics: metrics.clone(),
+        abort: CancellationToken::new(),
+        publish_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+        max_retry_delay,
+        holds: readiness.clone(),
+        breaker: Breaker::new(circuit_settings(config), metrics.clone()),
+        limits: Limits::new(config.processor.max_concurrency, config.processor.max_rate),
+        stop_holding: CancellationToken::new(),
+    });
+    let cfg = PipelineConfig {
+        workers: config.consumer.workers,
+        max_in_flight: config.consumer.max_in_flight,
+        max_in_flight_bytes: config.consumer.max_in_flight_bytes,
+        commit_interval: config.consumer.commit_interval,
+        shutdown_timeout: config.consumer.shutdown_timeout,
+        pause_after: config.consumer.pause_after,
+        max_due_ahead: max_retry_delay + Duration::from_secs(60),
+    };
+    (ctx, cfg)
+}
+
 /// Starts the consumer; it runs until `shutdown` is cancelled.
 ///
 /// # Errors
@@ -70,41 +140,7 @@ pub async fn start(
         ops_shutdown.clone(),
     )
     .await?;
-    let dedupe: Arc<dyn DedupeStore> =
-        Arc::new(MemoryDedupe::new(config.dedupe.ttl, config.dedupe.capacity));
-    // The longest delay a retry may get (a processor's `retry_after` is clamped to it), and
-    // the horizon beyond which a due time is treated as malformed: a margin above it, so a
-    // retry written by any member of the group is never treated as due early.
-    let longest_delay = config
-        .retry
-        .backoff
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or_default();
-    let max_retry_delay = longest_delay.max(Duration::from_secs(3600));
-    let ctx = Arc::new(WorkerContext {
-        processor,
-        publisher: publisher.clone(),
-        dedupe,
-        retry: config.retry.clone(),
-        retry_max: config.consumer.retry_max,
-        group: config.consumer.group_id.clone(),
-        metrics: metrics.clone(),
-        abort: CancellationToken::new(),
-        publish_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
-        max_retry_delay,
-        holds: readiness.clone(),
-    });
-    let cfg = PipelineConfig {
-        workers: config.consumer.workers,
-        max_in_flight: config.consumer.max_in_flight,
-        max_in_flight_bytes: config.consumer.max_in_flight_bytes,
-        commit_interval: config.consumer.commit_interval,
-        shutdown_timeout: config.consumer.shutdown_timeout,
-        pause_after: config.consumer.pause_after,
-        max_due_ahead: max_retry_delay + Duration::from_secs(60),
-    };
+    let (ctx, cfg) = pipeline_parts(&config, processor, publisher.clone(), &metrics, &readiness);
     let driver = consumer::start(&config, metrics.clone(), readiness.clone())?;
     tracing::info!(ops = %ops_addr, group = %config.consumer.group_id, topics = ?config.consumer.topics, workers = cfg.workers, max_in_flight = cfg.max_in_flight, brokers = %config.kafka.brokers, "The consumer is running.");
     let flush_timeout = config.producer.flush_timeout;

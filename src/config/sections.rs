@@ -254,6 +254,22 @@ settings! {
         /// time limit of one http processor request
         #[serde(with = "super::values::ms")]
         http_timeout: Duration = ms(5000), env PROCESSOR_HTTP_TIMEOUT_MS, key "http_timeout_ms";
+        /// circuit breaker around the processor: an endpoint outage pauses fetching and holds the failing messages instead of retrying or dead-lettering them (on or off)
+        circuit: bool = true, env PROCESSOR_CIRCUIT;
+        /// share of retryable failures in the window that opens the circuit
+        circuit_failure_ratio: f64 = 0.5, env PROCESSOR_CIRCUIT_FAILURE_RATIO;
+        /// calls the window needs before the share counts; also the run of connection errors or timeouts that opens the circuit at once
+        circuit_min_calls: u32 = 20, env PROCESSOR_CIRCUIT_MIN_CALLS;
+        /// the circuit's sliding window
+        #[serde(with = "super::values::human")]
+        circuit_window: Duration = Duration::from_secs(10), env PROCESSOR_CIRCUIT_WINDOW;
+        /// first and longest wait before an open circuit sends a probe (it doubles after each failed probe)
+        #[serde(with = "super::values::human_list")]
+        circuit_open_for: Vec<Duration> = vec![ms(1000), ms(30_000)], env PROCESSOR_CIRCUIT_OPEN_FOR;
+        /// processor calls per second at most, a token bucket (0: no limit)
+        max_rate: f64 = 0.0, env PROCESSOR_MAX_RATE;
+        /// processor calls at once at most (0: the worker count)
+        max_concurrency: usize = 0, env PROCESSOR_MAX_CONCURRENCY;
     }
 }
 

@@ -200,6 +200,39 @@ impl ProcessorConfig {
             None => {}
         }
         c.millis("http_timeout", self.http_timeout, 1, HOUR_MS);
+        if !(self.circuit_failure_ratio > 0.0 && self.circuit_failure_ratio <= 1.0) {
+            c.fail(
+                "circuit_failure_ratio",
+                self.circuit_failure_ratio,
+                "a share above 0 and at most 1, e.g. 0.5",
+            );
+        }
+        c.range("circuit_min_calls", self.circuit_min_calls, 1, 1_000_000);
+        c.millis("circuit_window", self.circuit_window, 100, 24 * HOUR_MS);
+        let open_for = &self.circuit_open_for;
+        let ordered = open_for.len() == 2 && open_for[0] <= open_for[1];
+        let in_range = open_for
+            .iter()
+            .all(|d| (1..=24 * HOUR_MS).contains(&d.as_millis()));
+        if !(ordered && in_range) {
+            let text: Vec<String> = open_for
+                .iter()
+                .map(|d| super::values::format_duration(*d))
+                .collect();
+            c.fail(
+                "circuit_open_for",
+                text.join(","),
+                "two durations, the first at most the second, e.g. 1s,30s",
+            );
+        }
+        if !(self.max_rate.is_finite() && self.max_rate >= 0.0) {
+            c.fail(
+                "max_rate",
+                self.max_rate,
+                "calls per second, 0 for no limit",
+            );
+        }
+        c.range("max_concurrency", self.max_concurrency, 0, 65_536);
     }
 }
 

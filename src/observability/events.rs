@@ -361,6 +361,85 @@ impl Event for PipelineState {
     }
 }
 
+/// The circuit breaker's state; `courier_circuit_state` is its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Calls go through.
+    Closed,
+    /// No call goes out; fetching is paused.
+    Open,
+    /// One probe call goes out.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// The `to` label of `courier_circuit_transitions_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+
+    /// The value of `courier_circuit_state`: 0 closed, 1 open, 2 half-open.
+    pub fn number(self) -> i64 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+        }
+    }
+}
+
+/// The circuit breaker changed state: one log line with the reason and the last error.
+#[derive(Debug)]
+pub struct CircuitTransition<'a> {
+    /// From.
+    pub from: CircuitState,
+    /// To.
+    pub to: CircuitState,
+    /// Why.
+    pub reason: &'a str,
+    /// The last retryable error the processor returned.
+    pub last_error: &'a str,
+}
+
+impl CircuitTransition<'static> {
+    /// The state a breaker starts in (sets the gauge, logs nothing, counts nothing).
+    pub fn initial() -> Self {
+        CircuitTransition {
+            from: CircuitState::Closed,
+            to: CircuitState::Closed,
+            reason: "",
+            last_error: "",
+        }
+    }
+}
+
+impl Event for CircuitTransition<'_> {
+    fn emit(self, m: &Metrics) {
+        m.circuit_state.set(self.to.number());
+        if self.from == self.to {
+            return;
+        }
+        m.circuit_transitions
+            .with_label_values(&[self.to.label()])
+            .inc();
+        let (from, to, reason, last_error) = (
+            self.from.label(),
+            self.to.label(),
+            self.reason,
+            self.last_error,
+        );
+        match self.to {
+            CircuitState::Open => tracing::warn!(from, to, reason, last_error, "The processor's circuit opened: fetching is paused and failing messages are held, not retried or dead-lettered."),
+            CircuitState::HalfOpen => tracing::info!(from, to, reason, "The processor's circuit is half-open: one message goes out as a probe."),
+            CircuitState::Closed => tracing::info!(from, to, reason, "The processor's circuit closed: held messages go out again and fetching resumes."),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,10 @@ metrics! {
     http_requests: IntCounterVec = counter_vec("http_requests_total", "Ingest API requests by matched route and status.", ["route", "status"]);
     /// `courier_commits_total{result}`: offset commits, ok or error.
     commits: IntCounterVec = counter_vec("commits_total", "Offset commits by result.", ["result"]);
+    /// `courier_circuit_state`: 0 closed, 1 open, 2 half-open.
+    circuit_state: IntGauge = gauge("circuit_state", "The processor's circuit breaker: 0 closed, 1 open, 2 half-open.");
+    /// `courier_circuit_transitions_total{to}`.
+    circuit_transitions: IntCounterVec = counter_vec("circuit_transitions_total", "Circuit breaker transitions, by the state entered.", ["to"]);
     /// `courier_ready`: 1 while `/readyz` would answer 200, kept by `Readiness`.
     ready: IntGauge = gauge("ready", "1 while /readyz answers 200 (broker reachable; consumer: group joined; no message held).");
 }

@@ -147,12 +147,12 @@ impl HttpProcessor {
         if error.is_builder() {
             ProcessError::fatal(format!("cannot build the HTTP request: {detail}"))
         } else if error.is_timeout() {
-            ProcessError::retryable(format!(
+            ProcessError::unreachable(format!(
                 "HTTP request timed out after {:?}: {detail}",
                 self.timeout
             ))
         } else if error.is_connect() {
-            ProcessError::retryable(format!("HTTP connection failed: {detail}"))
+            ProcessError::unreachable(format!("HTTP connection failed: {detail}"))
         } else {
             ProcessError::retryable(format!("HTTP request failed: {detail}"))
         }
@@ -255,6 +255,7 @@ async fn classify(response: reqwest::Response) -> Result<(), ProcessError> {
         Err(ProcessError::Retryable {
             reason,
             retry_after,
+            unreachable: false,
         })
     } else {
         Err(ProcessError::Fatal(reason))
@@ -586,6 +587,7 @@ mod tests {
                 Err(ProcessError::Retryable {
                     reason,
                     retry_after,
+                    unreachable: false,
                 }) => {
                     assert!(reason.contains(&status.to_string()), "{status}: {reason}");
                     assert_eq!(retry_after, None, "{status}");
@@ -767,6 +769,7 @@ mod tests {
             kind: ProcessorKind::Log,
             http_url: None,
             http_timeout: Duration::from_secs(1),
+            ..ProcessorConfig::default()
         };
         assert!(build_processor(&config).is_ok());
         config.kind = ProcessorKind::Http;

@@ -2,11 +2,13 @@
 //! routing, the dedupe store, the offset tracker, the worker pool and the producer's ingest.
 
 pub mod builtin;
+pub mod circuit;
 pub mod dedupe;
 pub mod demo;
 pub mod dlq;
 pub mod generator;
 pub mod ingest;
+pub mod limits;
 pub mod offsets;
 pub mod pipeline;
 pub mod processor;

@@ -18,6 +18,9 @@ pub enum ProcessError {
         reason: String,
         /// Do not retry sooner than this.
         retry_after: Option<Duration>,
+        /// The endpoint could not be reached (connection error or timeout): a run of these
+        /// opens the circuit breaker sooner than other failures do.
+        unreachable: bool,
     },
     /// Will never succeed: the message goes to the DLQ at once.
     #[error("fatal: {0}")]
@@ -30,6 +33,17 @@ impl ProcessError {
         ProcessError::Retryable {
             reason: reason.into(),
             retry_after: None,
+            unreachable: false,
+        }
+    }
+
+    /// A retryable error because the endpoint could not be reached (connection error or
+    /// timeout).
+    pub fn unreachable(reason: impl Into<String>) -> Self {
+        ProcessError::Retryable {
+            reason: reason.into(),
+            retry_after: None,
+            unreachable: true,
         }
     }
 

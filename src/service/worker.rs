@@ -23,7 +23,9 @@ use crate::observability::events::{
 };
 use crate::observability::Metrics;
 use crate::observability::Readiness;
+use crate::service::circuit::{Breaker, Verdict};
 use crate::service::dedupe::{Claim, DedupeStore};
+use crate::service::limits::Limits;
 use crate::service::processor::{ProcessError, Processor};
 use crate::service::publish::{PublishFailure, Publisher};
 
@@ -52,6 +54,13 @@ pub struct WorkerContext {
     pub max_retry_delay: Duration,
     /// Where messages that cannot move on are reported.
     pub holds: Arc<Readiness>,
+    /// The circuit breaker around the processor.
+    pub breaker: Arc<Breaker>,
+    /// Concurrency and rate limits toward the processor's endpoint.
+    pub limits: Limits,
+    /// Cancelled when shutdown starts draining: messages the circuit holds give up (left
+    /// uncommitted) instead of waiting for the drain deadline.
+    pub stop_holding: CancellationToken,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -80,33 +89,93 @@ pub struct Job {
     pub due_at_ms: Option<i64>,
 }
 
+/// What dedupe said about a message.
+enum Claimed {
+    /// This lane owns the id until it completes or releases it.
+    Yes,
+    /// No usable `message-id`: processed without dedupe.
+    NoId,
+    /// Processed already (or being processed): skip.
+    Duplicate,
+}
+
 impl WorkerContext {
-    /// Handles one message to its outcome.
-    pub async fn handle(&self, job: &Job) -> Outcome {
+    /// Handles one message to its outcome. While the circuit breaker holds it, the lane
+    /// waits and calls again; a hold ends early, with the message unfinished (left
+    /// uncommitted), when `revoked` (its partition) or `stop_holding` (shutdown) fires.
+    pub async fn handle(&self, job: &Job, revoked: &CancellationToken) -> Outcome {
         let d = &job.delivery;
-        let id = d.message_id();
-        let claimed = match id {
-            Some(id) => {
-                let replayed = d.courier_headers().replayed_at_ms;
-                match self.dedupe.claim(id, replayed) {
-                    Claim::Acquired => true,
-                    Claim::Duplicate | Claim::InProgress => {
-                        self.metrics.emit(DuplicateSkipped(at(d)));
-                        return Outcome::Duplicate;
-                    }
-                }
-            }
-            None => {
-                self.metrics.emit(WithoutId);
-                false
-            }
-        };
         if let Some(due) = job.due_at_ms {
             let late_ms = now_ms().saturating_sub(due).max(0);
             self.metrics.emit(RetryStarted {
                 late: Duration::from_millis(late_ms as u64),
             });
         }
+        loop {
+            // Biased toward going ahead: a closed circuit and free limits never lose a
+            // message to a revoke or shutdown that is draining.
+            let pass = tokio::select! {
+                biased;
+                pass = self.breaker.admit() => pass,
+                _ = revoked.cancelled() => return Outcome::Abandoned,
+                _ = self.stop_holding.cancelled() => return Outcome::Abandoned,
+            };
+            let claimed = match self.claim(d) {
+                Claimed::Duplicate => return Outcome::Duplicate,
+                c => c,
+            };
+            let result = {
+                let _permit = tokio::select! {
+                    biased;
+                    permit = self.limits.acquire() => permit,
+                    _ = revoked.cancelled() => return self.release(d, claimed, Outcome::Abandoned),
+                    _ = self.stop_holding.cancelled() => return self.release(d, claimed, Outcome::Abandoned),
+                };
+                self.call(d).await
+            };
+            let verdict = self.breaker.record(pass, &result);
+            match result {
+                Ok(()) => {
+                    if let (Claimed::Yes, Some(id)) = (claimed, d.message_id()) {
+                        self.dedupe.complete(id, now_ms());
+                    }
+                    return Outcome::Ok;
+                }
+                Err(err) => {
+                    self.release(d, claimed, Outcome::Abandoned);
+                    if verdict == Verdict::Route {
+                        return self.route_failure(job, &err).await;
+                    }
+                    // Held by the circuit: wait for it and call again, same message.
+                }
+            }
+        }
+    }
+
+    fn claim(&self, d: &Delivery) -> Claimed {
+        let Some(id) = d.message_id() else {
+            self.metrics.emit(WithoutId);
+            return Claimed::NoId;
+        };
+        match self.dedupe.claim(id, d.courier_headers().replayed_at_ms) {
+            Claim::Acquired => Claimed::Yes,
+            Claim::Duplicate | Claim::InProgress => {
+                self.metrics.emit(DuplicateSkipped(at(d)));
+                Claimed::Duplicate
+            }
+        }
+    }
+
+    /// Gives a claimed id back (the message did not finish successfully); returns `outcome`.
+    fn release(&self, d: &Delivery, claimed: Claimed, outcome: Outcome) -> Outcome {
+        if let (Claimed::Yes, Some(id)) = (claimed, d.message_id()) {
+            self.dedupe.release(id);
+        }
+        outcome
+    }
+
+    /// One processor call; a panic is a fatal failure.
+    async fn call(&self, d: &Delivery) -> Result<(), ProcessError> {
         let started = Instant::now();
         let result = match AssertUnwindSafe(self.processor.process(d))
             .catch_unwind()
@@ -128,20 +197,7 @@ impl WorkerContext {
                 .timestamp_ms
                 .map(|ts| Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64)),
         });
-        match result {
-            Ok(()) => {
-                if let (true, Some(id)) = (claimed, id) {
-                    self.dedupe.complete(id, now_ms());
-                }
-                Outcome::Ok
-            }
-            Err(err) => {
-                if let (true, Some(id)) = (claimed, id) {
-                    self.dedupe.release(id);
-                }
-                self.route_failure(job, &err).await
-            }
-        }
+        result
     }
 
     /// The delay of retry `level`: its configured delay, or a processor's `retry_after` when
@@ -376,6 +432,7 @@ mod tests {
     use super::*;
     use crate::model::{Ack, CourierHeaders, HEADER_MESSAGE_ID};
     use crate::observability::Readiness;
+    use crate::service::circuit::CircuitSettings;
     use crate::service::dedupe::MemoryDedupe;
     use crate::service::processor::MockProcessor;
     use crate::service::publish::{MockPublisher, PublishError};
@@ -406,6 +463,9 @@ mod tests {
             publish_backoff: (Duration::from_millis(1), Duration::from_millis(5)),
             max_retry_delay: Duration::from_secs(3600),
             holds,
+            breaker: Breaker::new(CircuitSettings::off(), Metrics::new()),
+            limits: Limits::default(),
+            stop_holding: CancellationToken::new(),
         }
     }
 
@@ -451,7 +511,9 @@ mod tests {
                 })
             }
         });
-        let outcome = ctx(processor, publisher).handle(&job(2_000_000)).await;
+        let outcome = ctx(processor, publisher)
+            .handle(&job(2_000_000), &CancellationToken::new())
+            .await;
         assert_eq!(outcome, Outcome::DeadLettered);
         let sent = sent.lock();
         assert_eq!(sent[0].topic, "ev-retry-1", "first the normal hop");
@@ -497,7 +559,9 @@ mod tests {
             }
         });
         assert_eq!(
-            ctx(processor, publisher).handle(&job(10)).await,
+            ctx(processor, publisher)
+                .handle(&job(10), &CancellationToken::new())
+                .await,
             Outcome::DeadLettered
         );
     }
@@ -534,7 +598,8 @@ mod tests {
         readiness.broker_ok();
         let ctx = Arc::new(ctx_with(processor, publisher, readiness.clone()));
         let worker = ctx.clone();
-        let handled = tokio::spawn(async move { worker.handle(&job(10)).await });
+        let handled =
+            tokio::spawn(async move { worker.handle(&job(10), &CancellationToken::new()).await });
         let deadline = Instant::now() + Duration::from_secs(5);
         while attempts.load(std::sync::atomic::Ordering::SeqCst) < 5 {
             assert!(Instant::now() < deadline, "the publish is retried");
@@ -584,7 +649,8 @@ mod tests {
         readiness.broker_ok();
         let ctx = Arc::new(ctx_with(processor, publisher, readiness.clone()));
         let worker = ctx.clone();
-        let handled = tokio::spawn(async move { worker.handle(&job(10)).await });
+        let handled =
+            tokio::spawn(async move { worker.handle(&job(10), &CancellationToken::new()).await });
         let deadline = Instant::now() + Duration::from_secs(5);
         while metrics.held_messages.get() == 0 {
             assert!(Instant::now() < deadline, "the message is held visibly");
@@ -648,7 +714,10 @@ mod tests {
         });
         let mut ctx = ctx(MockProcessor::new(), publisher);
         ctx.processor = Arc::new(Panics);
-        assert_eq!(ctx.handle(&job(10)).await, Outcome::DeadLettered);
+        assert_eq!(
+            ctx.handle(&job(10), &CancellationToken::new()).await,
+            Outcome::DeadLettered
+        );
         let h = CourierHeaders::parse(&sent.lock()[0].headers);
         assert_eq!(h.error_kind, Some(ErrorKind::Fatal));
         assert_eq!(

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::model::Outcome;
 use crate::observability::events::{At, HandlingPanicked};
@@ -20,9 +21,9 @@ use crate::service::worker::{Job, WorkerContext};
 const CLOSED: u64 = 1 << 63;
 
 /// The door of one partition assignment to the lanes: counts the jobs running for it, and
-/// once closed (revoked) lets no new job start.
+/// once closed (revoked) lets no new job start and tells held ones to give up.
 #[derive(Debug, Default)]
-pub(super) struct Gate(AtomicU64);
+pub(super) struct Gate(AtomicU64, CancellationToken);
 
 impl Gate {
     /// A lane is about to start a job: `false` once the partition is revoked.
@@ -50,6 +51,12 @@ impl Gate {
     /// The partition is revoked: no job starts from now on.
     pub(super) fn close(&self) {
         self.0.fetch_or(CLOSED, Ordering::AcqRel);
+        self.1.cancel();
+    }
+
+    /// Cancelled once the partition is revoked.
+    pub(super) fn revoked(&self) -> &CancellationToken {
+        &self.1
     }
 
     /// Jobs started and not yet recorded as complete.
@@ -124,7 +131,10 @@ async fn run_lane(
 /// turns into a fatal failure) is a bug: the message stays unfinished, so its partition's
 /// commit point holds at it, and readiness says so.
 async fn handle(ctx: &WorkerContext, lj: &LaneJob) -> Outcome {
-    match AssertUnwindSafe(ctx.handle(&lj.job)).catch_unwind().await {
+    match AssertUnwindSafe(ctx.handle(&lj.job, lj.gate.revoked()))
+        .catch_unwind()
+        .await
+    {
         Ok(outcome) => outcome,
         Err(panic) => {
             let d = &lj.job.delivery;

@@ -25,6 +25,7 @@ use crate::model::{now_ms, Delivery};
 use crate::observability::events::{
     At, FinishedAfterRevoke, ForeignRetrySkipped, PipelineState, TopicCounters,
 };
+use crate::service::circuit::CircuitState;
 use crate::service::source::{DeliveryBatch, DriverControl, DriverEvent, Epoch, Tp};
 use crate::service::worker::{Job, WorkerContext};
 
@@ -102,6 +103,7 @@ pub async fn run(
     let far = deadline_after(Duration::from_secs(86_400 * 365));
     let mut drain_deadline = far;
     let mut events_closed = false;
+    let mut circuit = ctx.breaker.subscribe();
     loop {
         st.accept_pending();
         st.apply_pauses();
@@ -114,6 +116,7 @@ pub async fn run(
             .map(|due| Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64));
         let revoke_deadline = st.revoke.as_ref().map(|r| r.deadline);
         let pressure_at = st.backpressure_deadline();
+        let probe_at = ctx.breaker.next_deadline();
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !st.draining => {
@@ -140,6 +143,8 @@ pub async fn run(
             }
             _ = tokio::time::sleep(due_in.unwrap_or_default()), if due_in.is_some() => st.wake_due(),
             _ = tokio::time::sleep_until(pressure_at.unwrap_or(far)), if pressure_at.is_some() => {}
+            Ok(()) = circuit.changed() => st.pause_dirty = true,
+            _ = tokio::time::sleep_until(probe_at.unwrap_or(far)), if probe_at.is_some() => ctx.breaker.tick(),
             _ = commit_tick.tick() => st.commit(),
             _ = tokio::time::sleep_until(drain_deadline), if st.draining => {
                 tracing::warn!(in_flight = st.in_flight, "Shutdown timeout: unfinished messages stay uncommitted and are consumed again after a restart.");
@@ -193,6 +198,8 @@ impl State {
 
     fn start_draining(&mut self) {
         self.draining = true;
+        // Messages the circuit holds give up now (uncommitted), not at the drain deadline.
+        self.ctx.stop_holding.cancel();
         self.pending.clear();
         self.pause_dirty = true;
     }
@@ -378,7 +385,9 @@ impl State {
             return;
         }
         self.pause_dirty = false;
-        let pipeline_wide = self.backpressure || self.draining;
+        // An open circuit pauses every partition: nothing would be processed meanwhile.
+        let pipeline_wide =
+            self.backpressure || self.draining || self.ctx.breaker.state() == CircuitState::Open;
         let mut paused = 0;
         for (tp, p) in self.parts.iter_mut().filter(|(_, p)| !p.revoking) {
             let want = p.wants_pause(pipeline_wide);

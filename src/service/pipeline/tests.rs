@@ -15,7 +15,9 @@ use crate::model::{
     Ack, CourierHeaders, ErrorKind, Headers, HEADER_CONSUMER_GROUP, HEADER_DUE_AT_MS,
 };
 use crate::observability::{Metrics, Readiness};
+use crate::service::circuit::{Breaker, CircuitSettings};
 use crate::service::dedupe::MemoryDedupe;
+use crate::service::limits::Limits;
 use crate::service::processor::{ProcessError, Processor};
 use crate::service::publish::MockPublisher;
 use crate::service::source::MockDriverControl;
@@ -116,7 +118,10 @@ fn ctx(processor: Arc<dyn Processor>, publisher: MockPublisher) -> Arc<WorkerCon
         abort: CancellationToken::new(),
         publish_backoff: (Duration::from_millis(1), Duration::from_millis(10)),
         max_retry_delay: Duration::from_secs(3600),
-        holds: Readiness::new(metrics, true),
+        holds: Readiness::new(metrics.clone(), true),
+        breaker: Breaker::new(CircuitSettings::off(), metrics),
+        limits: Limits::default(),
+        stop_holding: CancellationToken::new(),
     })
 }
 

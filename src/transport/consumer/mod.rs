@@ -28,7 +28,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{AssignmentStrategy, Config};
 use crate::model::Delivery;
 use crate::observability::{Metrics, Readiness};
 use crate::service::source::{DeliveryBatch, DriverControl, DriverEvent, Epoch, Tp};
@@ -134,7 +134,11 @@ pub fn start(
         events: events_tx,
         metrics,
         readiness,
-        revoke_wait: config.consumer.shutdown_timeout + Duration::from_secs(5),
+        revoke_wait: config
+            .consumer
+            .shutdown_timeout
+            .saturating_add(Duration::from_secs(5)),
+        cooperative: config.consumer.assignment_strategy == AssignmentStrategy::CooperativeSticky,
         errors: ErrorLimiter::default(),
     };
     let consumer: BaseConsumer<DriverContext> =
@@ -224,6 +228,9 @@ fn poll_batch(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> Delive
     batch
 }
 
+/// How often the driver checks that librdkafka's assignment and the pipeline's agree.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
 /// How long the final commit may wait for a rebalance in progress to finish.
 const FINAL_COMMIT_PATIENCE: Duration = Duration::from_secs(5);
 
@@ -278,6 +285,7 @@ fn poll_loop(
     // without one (the pipeline crashed or was aborted) the driver leaves the group without
     // committing anything more, so another member takes over from the last commit.
     let mut pipeline_gone: Option<std::time::Instant> = None;
+    let mut last_check = std::time::Instant::now();
     loop {
         if let Some(offsets) = apply_commands(&consumer, &shared) {
             shared.closing.store(true, Ordering::SeqCst);
@@ -294,6 +302,10 @@ fn poll_loop(
             }
             std::thread::sleep(POLL_WAIT);
             continue;
+        }
+        if last_check.elapsed() >= RECONCILE_EVERY {
+            last_check = std::time::Instant::now();
+            consumer.context().reconcile(&consumer);
         }
         let batch = poll_batch(&consumer, &shared);
         if (!batch.is_empty() && deliveries.blocking_send(batch).is_err()) || deliveries.is_closed()

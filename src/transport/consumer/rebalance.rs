@@ -23,6 +23,8 @@ pub(super) struct DriverContext {
     pub(super) metrics: Metrics,
     pub(super) readiness: Arc<Readiness>,
     pub(super) revoke_wait: Duration,
+    /// Whether the configured strategy is `cooperative-sticky`.
+    pub(super) cooperative: bool,
     pub(super) errors: ErrorLimiter,
 }
 
@@ -68,6 +70,15 @@ impl DriverContext {
             self.readiness.set_group_joined(false);
             return;
         }
+        if !cooperative {
+            self.shared.assigned.lock().clear();
+        }
+        self.register_assigned(consumer, tpl);
+    }
+
+    /// Partitions librdkafka now fetches for us: resumed (no pause of an earlier assignment
+    /// may survive), each with a new generation, and announced to the pipeline.
+    fn register_assigned(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         if tpl.count() > 0 {
             if let Err(e) = consumer.resume(tpl) {
                 tracing::warn!(error = %e, "Resuming newly assigned partitions failed.");
@@ -75,9 +86,6 @@ impl DriverContext {
         }
         let list: Vec<(Tp, Epoch)> = {
             let mut assigned = self.shared.assigned.lock();
-            if !cooperative {
-                assigned.clear();
-            }
             let mut commands = self.shared.commands.lock();
             tps_of(tpl)
                 .into_iter()
@@ -206,6 +214,51 @@ impl DriverContext {
     }
 }
 
+impl DriverContext {
+    /// Checks that the partitions librdkafka fetches are exactly those the pipeline owns,
+    /// and repairs a difference (it would otherwise strand a partition: fetched messages of a
+    /// partition the pipeline does not know are dropped, and a partition the pipeline thinks
+    /// it owns but librdkafka does not fetch never moves). Between polls the two always agree
+    /// unless a callback was missed, so a difference is logged as an error.
+    pub(super) fn reconcile(&self, consumer: &BaseConsumer<Self>) {
+        let Ok(tpl) = consumer.assignment() else {
+            return;
+        };
+        let fetched: std::collections::HashSet<Tp> = tps_of(&tpl).into_iter().collect();
+        let (unknown, gone): (Vec<Tp>, Vec<Tp>) = {
+            let assigned = self.shared.assigned.lock();
+            (
+                fetched
+                    .iter()
+                    .filter(|tp| !assigned.contains_key(*tp))
+                    .cloned()
+                    .collect(),
+                assigned
+                    .keys()
+                    .filter(|tp| !fetched.contains(*tp))
+                    .cloned()
+                    .collect(),
+            )
+        };
+        if !gone.is_empty() {
+            tracing::error!(partitions = ?names(&gone), "The pipeline owned partitions librdkafka no longer fetches; dropping them uncommitted (their next owner reads them).");
+            if !self.shared.closing.load(Ordering::SeqCst) {
+                self.handshake(consumer, &gone, true);
+            }
+            self.forget(&gone);
+            self.count_partitions("lost", gone.len());
+        }
+        if !unknown.is_empty() {
+            tracing::error!(partitions = ?names(&unknown), "librdkafka fetches partitions the pipeline did not know; taking them as newly assigned.");
+            let mut tpl = TopicPartitionList::new();
+            for tp in &unknown {
+                tpl.add_partition(&tp.topic, tp.partition);
+            }
+            self.register_assigned(consumer, &tpl);
+        }
+    }
+}
+
 impl ConsumerContext for DriverContext {
     fn rebalance(
         &self,
@@ -213,10 +266,14 @@ impl ConsumerContext for DriverContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
+        // The group's protocol follows the configured strategy (every member must support
+        // it); librdkafka's answer is used when it has one, the configuration otherwise, so a
+        // momentary "none" never turns an incremental assignment into a full one.
+        let cooperative = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => true,
+            RebalanceProtocol::Eager => false,
+            RebalanceProtocol::None => self.cooperative,
+        };
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(consumer, tpl, cooperative)

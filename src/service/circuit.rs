@@ -1,0 +1,370 @@
+//! The circuit breaker around the processor (DESIGN.md, guarantee 10). The retry chain is
+//! for a message that fails; an endpoint that is down fails every message, and without a
+//! breaker each would burn through its retry levels into the DLQ.
+//!
+//! - **Closed**: calls go through. Retryable failures are counted in a sliding window; the
+//!   circuit opens when their share reaches `PROCESSOR_CIRCUIT_FAILURE_RATIO` over at least
+//!   `PROCESSOR_CIRCUIT_MIN_CALLS` calls in `PROCESSOR_CIRCUIT_WINDOW`, or after that many
+//!   connection errors or timeouts in a row. Fatal results never count: an endpoint that
+//!   answers 4xx is up.
+//! - **Open**: no call goes out. A message whose retryable failure tripped the circuit, or
+//!   came in while it was open, is *held*: its lane waits and calls again once the circuit
+//!   closes, so it is neither routed nor committed, its retry level does not advance and its
+//!   due time is kept. The pipeline pauses fetching on every partition meanwhile.
+//! - **Half-open**: after an interval (exponential, from the first to the second value of
+//!   `PROCESSOR_CIRCUIT_OPEN_FOR`), one held message goes out as a probe. Success closes the
+//!   circuit and every held message goes out again; failure reopens it for the next interval.
+//!
+//! Time is tokio's, so tests drive the state machine with a paused clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::observability::events::CircuitTransition;
+use crate::observability::Metrics;
+use crate::service::processor::ProcessError;
+
+pub use crate::observability::events::CircuitState;
+
+/// The breaker's settings (`PROCESSOR_CIRCUIT*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitSettings {
+    /// `PROCESSOR_CIRCUIT`: off restores the plain retry chain.
+    pub enabled: bool,
+    /// Share of retryable failures in the window that opens the circuit.
+    pub failure_ratio: f64,
+    /// Calls the window needs before the share counts; also the run of connection errors
+    /// or timeouts that opens it at once.
+    pub min_calls: u32,
+    /// The sliding window.
+    pub window: Duration,
+    /// The first and the longest interval before a probe.
+    pub open_for: (Duration, Duration),
+}
+
+impl CircuitSettings {
+    /// A breaker that never opens (`PROCESSOR_CIRCUIT=off`): the plain retry chain.
+    pub fn off() -> Self {
+        CircuitSettings {
+            enabled: false,
+            failure_ratio: 1.0,
+            min_calls: 1,
+            window: Duration::from_secs(1),
+            open_for: (Duration::from_secs(1), Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Buckets of the sliding window.
+const BUCKETS: u32 = 10;
+
+/// Calls and retryable failures in a sliding window of buckets.
+#[derive(Debug)]
+struct Window {
+    width: Duration,
+    buckets: std::collections::VecDeque<(Instant, u32, u32)>,
+}
+
+impl Window {
+    fn new(window: Duration) -> Self {
+        Window {
+            width: (window / BUCKETS).max(Duration::from_millis(1)),
+            buckets: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn record(&mut self, now: Instant, failed: bool) {
+        let horizon = self.width * BUCKETS;
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(start, _, _)| now.saturating_duration_since(*start) >= horizon)
+        {
+            self.buckets.pop_front();
+        }
+        match self.buckets.back_mut() {
+            Some((start, calls, failures))
+                if now.saturating_duration_since(*start) < self.width =>
+            {
+                *calls += 1;
+                *failures += u32::from(failed);
+            }
+            _ => self.buckets.push_back((now, 1, u32::from(failed))),
+        }
+    }
+
+    fn totals(&self) -> (u32, u32) {
+        self.buckets
+            .iter()
+            .fold((0, 0), |(c, f), (_, calls, failures)| {
+                (c + calls, f + failures)
+            })
+    }
+
+    fn clear(&mut self) {
+        self.buckets.clear();
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: CircuitState,
+    window: Window,
+    consecutive_unreachable: u32,
+    reopen_at: Option<Instant>,
+    probe_out: bool,
+    intervals: backon::ExponentialBackoff,
+    last_error: String,
+}
+
+/// How a call was let through.
+#[derive(Debug)]
+pub struct Pass {
+    probe: bool,
+    breaker: Arc<Breaker>,
+    recorded: bool,
+}
+
+impl Drop for Pass {
+    /// A probe that never reported (its message was revoked or shut down) gives the turn
+    /// to the next held message at once.
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            let mut inner = self.breaker.inner.lock();
+            if inner.state == CircuitState::HalfOpen && inner.probe_out {
+                inner.probe_out = false;
+                drop(inner);
+                self.breaker.wake.notify_waiters();
+            }
+        }
+    }
+}
+
+/// What the worker does with a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// As usual: finished, or routed to a retry topic or the DLQ.
+    Route,
+    /// Held: wait for the circuit and call again with the same message.
+    Hold,
+}
+
+/// The circuit breaker of one consumer process.
+#[derive(Debug)]
+pub struct Breaker {
+    settings: CircuitSettings,
+    inner: Mutex<Inner>,
+    wake: Notify,
+    state_tx: watch::Sender<CircuitState>,
+    metrics: Metrics,
+}
+
+fn intervals(open_for: (Duration, Duration)) -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(open_for.0)
+        .with_max_delay(open_for.1.max(open_for.0))
+        .without_max_times()
+        .build()
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(settings: CircuitSettings, metrics: Metrics) -> Arc<Self> {
+        let (state_tx, _) = watch::channel(CircuitState::Closed);
+        metrics.emit(CircuitTransition::initial());
+        Arc::new(Breaker {
+            inner: Mutex::new(Inner {
+                state: CircuitState::Closed,
+                window: Window::new(settings.window),
+                consecutive_unreachable: 0,
+                reopen_at: None,
+                probe_out: false,
+                intervals: intervals(settings.open_for),
+                last_error: String::new(),
+            }),
+            settings,
+            wake: Notify::new(),
+            state_tx,
+            metrics,
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> CircuitState {
+        self.inner.lock().state
+    }
+
+    /// When the open circuit lets a probe out (the pipeline calls [`Breaker::tick`] then).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let inner = self.inner.lock();
+        inner
+            .reopen_at
+            .filter(|_| inner.state == CircuitState::Open)
+    }
+
+    /// Moves an open circuit whose interval passed to half-open: the next call, a held
+    /// message's or a newly fetched one's, is the probe.
+    pub fn tick(&self) {
+        let mut inner = self.inner.lock();
+        if inner.state == CircuitState::Open && inner.reopen_at.is_some_and(|t| Instant::now() >= t)
+        {
+            self.transition(
+                &mut inner,
+                CircuitState::HalfOpen,
+                "the probe interval passed",
+            );
+            drop(inner);
+            self.wake.notify_waiters();
+        }
+    }
+
+    /// Follows the state (the pipeline pauses fetching while it is open).
+    pub fn subscribe(&self) -> watch::Receiver<CircuitState> {
+        self.state_tx.subscribe()
+    }
+
+    /// Waits until a call may go out: at once while closed; while open, until the probe
+    /// interval has passed and this caller is the probe, or until the circuit closes.
+    pub async fn admit(self: &Arc<Self>) -> Pass {
+        loop {
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let wait_until = {
+                let mut inner = self.inner.lock();
+                if !self.settings.enabled || inner.state == CircuitState::Closed {
+                    return self.pass(false);
+                }
+                let now = Instant::now();
+                let due = inner.reopen_at.is_some_and(|t| now >= t);
+                if inner.state == CircuitState::Open && due {
+                    self.transition(
+                        &mut inner,
+                        CircuitState::HalfOpen,
+                        "the probe interval passed",
+                    );
+                }
+                if inner.state == CircuitState::HalfOpen && !inner.probe_out {
+                    inner.probe_out = true;
+                    return self.pass(true);
+                }
+                inner
+                    .reopen_at
+                    .filter(|_| inner.state == CircuitState::Open)
+            };
+            match wait_until {
+                Some(t) => {
+                    tokio::select! {
+                        _ = woken => {}
+                        _ = tokio::time::sleep_until(t) => {}
+                    }
+                }
+                None => woken.await,
+            }
+        }
+    }
+
+    fn pass(self: &Arc<Self>, probe: bool) -> Pass {
+        Pass {
+            probe,
+            breaker: self.clone(),
+            recorded: false,
+        }
+    }
+
+    /// Records a call's result and says what to do with its message.
+    pub fn record(&self, mut pass: Pass, result: &Result<(), ProcessError>) -> Verdict {
+        pass.recorded = true;
+        if !self.settings.enabled {
+            return Verdict::Route;
+        }
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        let (failed, unreachable) = match result {
+            Err(ProcessError::Retryable {
+                unreachable,
+                reason,
+                ..
+            }) => {
+                inner.last_error = reason.clone();
+                (true, *unreachable)
+            }
+            // An answer, even a refusal, means the endpoint is up.
+            Ok(()) | Err(ProcessError::Fatal(_)) => (false, false),
+        };
+        match inner.state {
+            CircuitState::Closed => {
+                inner.window.record(now, failed);
+                inner.consecutive_unreachable = if unreachable {
+                    inner.consecutive_unreachable + 1
+                } else {
+                    0
+                };
+                if !failed {
+                    return Verdict::Route;
+                }
+                let (calls, failures) = inner.window.totals();
+                let ratio = f64::from(failures) / f64::from(calls.max(1));
+                let reason =
+                    if calls >= self.settings.min_calls && ratio >= self.settings.failure_ratio {
+                        format!("{failures} of the last {calls} calls failed")
+                    } else if inner.consecutive_unreachable >= self.settings.min_calls {
+                        format!(
+                            "{} connection errors or timeouts in a row",
+                            inner.consecutive_unreachable
+                        )
+                    } else {
+                        return Verdict::Route;
+                    };
+                self.open(&mut inner, now, &reason);
+                Verdict::Hold
+            }
+            CircuitState::HalfOpen if pass.probe => {
+                inner.probe_out = false;
+                if failed {
+                    self.open(&mut inner, now, "the probe failed");
+                    Verdict::Hold
+                } else {
+                    inner.window.clear();
+                    inner.consecutive_unreachable = 0;
+                    inner.intervals = intervals(self.settings.open_for);
+                    inner.reopen_at = None;
+                    self.transition(&mut inner, CircuitState::Closed, "the probe succeeded");
+                    drop(inner);
+                    self.wake.notify_waiters();
+                    Verdict::Route
+                }
+            }
+            // A call let through before the circuit opened.
+            CircuitState::Open | CircuitState::HalfOpen if failed => Verdict::Hold,
+            CircuitState::Open | CircuitState::HalfOpen => Verdict::Route,
+        }
+    }
+
+    fn open(&self, inner: &mut Inner, now: Instant, reason: &str) {
+        let interval = inner.intervals.next().unwrap_or(self.settings.open_for.1);
+        inner.reopen_at = Some(now + interval);
+        let reason = format!("{reason}; the next probe in {} ms", interval.as_millis());
+        self.transition(inner, CircuitState::Open, &reason);
+    }
+
+    fn transition(&self, inner: &mut Inner, to: CircuitState, reason: &str) {
+        let from = inner.state;
+        inner.state = to;
+        self.metrics.emit(CircuitTransition {
+            from,
+            to,
+            reason,
+            last_error: &inner.last_error,
+        });
+        self.state_tx.send_replace(to);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,324 @@
+//! The circuit breaker and the limits toward the processor's endpoint (DESIGN.md, guarantee
+//! 10), with the `http` processor against an endpoint inside the test and a mock cluster per
+//! test: an outage empties nothing into the DLQ, a steady 5% failure rate never trips it,
+//! the rate limit holds, and a revoke while it is open loses nothing.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use common::{http_get, wait_for, TestKafka};
+use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
+use courier::model::{now_ms, HEADER_MESSAGE_ID};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(60);
+
+/// One request the endpoint saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    id: String,
+    at: Instant,
+    at_ms: i64,
+    status: u16,
+    due_at_ms: Option<i64>,
+}
+
+/// An endpoint that fails everything while `down`, and the ids in `fail_twice` twice.
+#[derive(Default)]
+struct Endpoint {
+    down: AtomicBool,
+    fail_twice: Mutex<HashSet<String>>,
+    attempts: Mutex<HashMap<String, u32>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl Endpoint {
+    fn ok_ids(&self) -> HashSet<String> {
+        self.seen
+            .lock()
+            .iter()
+            .filter(|s| s.status == 200)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+}
+
+async fn answer(State(e): State<Arc<Endpoint>>, headers: HeaderMap) -> StatusCode {
+    let text = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let id = text(HEADER_MESSAGE_ID).unwrap_or_default();
+    let n = {
+        let mut a = e.attempts.lock();
+        let n = a.entry(id.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let status = if e.down.load(Ordering::SeqCst) {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if n <= 2 && e.fail_twice.lock().contains(&id) {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    e.seen.lock().push(Seen {
+        id,
+        at: Instant::now(),
+        at_ms: now_ms(),
+        status: status.as_u16(),
+        due_at_ms: text("courier-due-at-ms").and_then(|v| v.parse().ok()),
+    });
+    status
+}
+
+async fn endpoint() -> (String, Arc<Endpoint>) {
+    let e = Arc::new(Endpoint::default());
+    let app = axum::Router::new()
+        .route("/", axum::routing::post(answer))
+        .with_state(e.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, e)
+}
+
+async fn consumer(
+    k: &TestKafka,
+    url: &str,
+    extra: &[(&str, &str)],
+) -> (RunningConsumer, CancellationToken) {
+    let mut env = vec![
+        ("COURIER_PROCESSOR", "http"),
+        ("PROCESSOR_HTTP_URL", url),
+        ("KAFKA_RETRY_BACKOFF", "1s,2s,3s"),
+        ("PROCESSOR_CIRCUIT_MIN_CALLS", "10"),
+        ("PROCESSOR_CIRCUIT_WINDOW", "5s"),
+        ("PROCESSOR_CIRCUIT_OPEN_FOR", "500ms,2s"),
+    ];
+    env.extend_from_slice(extra);
+    let shutdown = CancellationToken::new();
+    let running = start(k.config(&env), ConsumerOptions::default(), shutdown.clone())
+        .await
+        .expect("consumer starts");
+    (running, shutdown)
+}
+
+async fn stop(running: RunningConsumer, shutdown: CancellationToken) {
+    shutdown.cancel();
+    tokio::time::timeout(T, running.done)
+        .await
+        .expect("consumer stops in time")
+        .expect("consumer task");
+}
+
+/// Produces `n` events `{prefix}-{i}`, `per_sec` a second.
+async fn stream(k: &TestKafka, prefix: &str, n: usize, per_sec: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for chunk in (0..n).collect::<Vec<_>>().chunks((per_sec / 10).max(1)) {
+        tick.tick().await;
+        let msgs = chunk
+            .iter()
+            .map(|i| {
+                let id = format!("{prefix}-{i}");
+                ids.push(id.clone());
+                let payload = serde_json::json!({"id": id, "type": "t"})
+                    .to_string()
+                    .into_bytes();
+                (
+                    Some(id.clone().into_bytes()),
+                    payload,
+                    vec![(HEADER_MESSAGE_ID.into(), Some(id.into_bytes()))],
+                )
+            })
+            .collect();
+        k.produce(&k.source, msgs).await;
+    }
+    ids
+}
+
+fn opened(running: &RunningConsumer) -> u64 {
+    running
+        .metrics
+        .circuit_transitions
+        .with_label_values(&["open"])
+        .get()
+}
+
+/// Issue 10's scenario: 20 events/s, 5% of the ids fail twice on their own, and the endpoint
+/// answers 503 to everything for 20 s mid-stream, with a 1 s/2 s/3 s back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_20s_sends_nothing_to_the_dlq_and_every_message_arrives_after_it() {
+    let k = TestKafka::new(3);
+    let (url, e) = endpoint().await;
+    let (running, shutdown) = consumer(&k, &url, &[]).await;
+    let prefix = format!("o{}", common::rand_id());
+    e.fail_twice.lock().extend(
+        (0..800)
+            .filter(|i| i % 20 == 3)
+            .map(|i| format!("{prefix}-{i}")),
+    );
+    let outage = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            e.down.store(true, Ordering::SeqCst);
+            let from = Instant::now();
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            e.down.store(false, Ordering::SeqCst);
+            (from, Instant::now())
+        })
+    };
+    let readyz = format!("http://{}/readyz", running.ops_addr);
+    let ids = stream(&k, &prefix, 800, 20).await;
+    let (down_from, down_to) = outage.await.unwrap();
+    assert!(opened(&running) >= 1, "the outage opened the circuit");
+    assert_eq!(
+        http_get(&readyz).await.0,
+        200,
+        "ready: the pod is healthy, the endpoint is not"
+    );
+    wait_for("every message reached the endpoint", T, || {
+        let ok = e.ok_ids();
+        ids.iter().all(|id| ok.contains(id))
+    })
+    .await;
+    wait_for("the circuit closed", T, || {
+        running.metrics.circuit_state.get() == 0
+    })
+    .await;
+    stop(running, shutdown).await;
+    let dlq = k.read_all(&k.dlq, 0, Duration::from_secs(2));
+    assert!(
+        dlq.is_empty(),
+        "nothing dead-lettered: {} records",
+        dlq.len()
+    );
+    // Retry copies beyond the ids that fail on their own: the failures before the circuit
+    // opened (at most MIN_CALLS in its window) and those already in flight then.
+    let natural: HashSet<String> = e.fail_twice.lock().clone();
+    let retried: Vec<String> = (1..=3)
+        .flat_map(|n| k.read_all(&k.retry_topic(n), 0, Duration::from_secs(2)))
+        .filter_map(|d| d.message_id().map(str::to_owned))
+        .filter(|id| !natural.contains(id))
+        .collect();
+    let seen = e.seen.lock().clone();
+    let during = seen
+        .iter()
+        .filter(|s| s.at >= down_from && s.at < down_to)
+        .count();
+    println!(
+        "CIRCUIT outage 20s: {} events, {} calls during the outage, {} retry copies from it, 0 dead-lettered",
+        ids.len(),
+        during,
+        retried.len()
+    );
+    assert!(
+        retried.len() <= 10 + 8,
+        "at most MIN_CALLS + workers touched a retry topic: {}",
+        retried.len()
+    );
+    let early: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.due_at_ms.is_some_and(|d| s.at_ms < d))
+        .collect();
+    assert!(early.is_empty(), "retries before their due time: {early:?}");
+    k.assert_committed_to_end(&k.source);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_five_percent_failure_never_opens_the_circuit() {
+    let k = TestKafka::new(3);
+    let (url, e) = endpoint().await;
+    let (running, shutdown) = consumer(&k, &url, &[]).await;
+    let prefix = format!("f{}", common::rand_id());
+    e.fail_twice.lock().extend(
+        (0..600)
+            .filter(|i| i % 20 == 0)
+            .map(|i| format!("{prefix}-{i}")),
+    );
+    let ids = stream(&k, &prefix, 600, 100).await;
+    wait_for("every message processed", T, || {
+        let ok = e.ok_ids();
+        ids.iter().all(|id| ok.contains(id))
+    })
+    .await;
+    assert_eq!(opened(&running), 0, "5% of failures never open the circuit");
+    stop(running, shutdown).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_of_50_per_second_holds_within_ten_percent() {
+    let k = TestKafka::new(3);
+    let (url, e) = endpoint().await;
+    let prefix = format!("r{}", common::rand_id());
+    let ids = stream(&k, &prefix, 1000, 10_000).await;
+    let (running, shutdown) = consumer(&k, &url, &[("PROCESSOR_MAX_RATE", "50")]).await;
+    wait_for("calls started", T, || !e.seen.lock().is_empty()).await;
+    let first = e.seen.lock()[0].at;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let seen = e.seen.lock().clone();
+    let from = first + Duration::from_secs(1);
+    let in_10s = seen
+        .iter()
+        .filter(|s| s.at >= from && s.at < from + Duration::from_secs(10))
+        .count();
+    println!(
+        "CIRCUIT rate limit 50/s: {in_10s} calls in 10 s ({} messages waiting)",
+        ids.len()
+    );
+    assert!(
+        (450..=550).contains(&in_10s),
+        "{in_10s} calls in 10 s at 50/s"
+    );
+    stop(running, shutdown).await;
+}
+
+/// A second member joins while the circuit of the first is open and its held messages wait:
+/// the partitions that move are revoked with their held messages left uncommitted, and the
+/// new owner processes them once the endpoint is back. Nothing is lost or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_while_the_circuit_is_open_loses_nothing() {
+    let k = TestKafka::new(4);
+    let (url, e) = endpoint().await;
+    e.down.store(true, Ordering::SeqCst);
+    let (a, a_stop) = consumer(&k, &url, &[]).await;
+    let prefix = format!("v{}", common::rand_id());
+    let ids = stream(&k, &prefix, 200, 200).await;
+    wait_for("A's circuit opened", T, || opened(&a) >= 1).await;
+    let (b, b_stop) = consumer(&k, &url, &[]).await;
+    wait_for("B owns partitions", T, || {
+        b.metrics.assigned_partitions.get() > 0
+    })
+    .await;
+    assert!(
+        a.metrics
+            .rebalance_partitions
+            .with_label_values(&["revoked"])
+            .get()
+            > 0
+    );
+    e.down.store(false, Ordering::SeqCst);
+    wait_for("every message reached the endpoint", T, || {
+        let ok = e.ok_ids();
+        ids.iter().all(|id| ok.contains(id))
+    })
+    .await;
+    stop(b, b_stop).await;
+    stop(a, a_stop).await;
+    assert!(
+        k.read_all(&k.dlq, 0, Duration::from_secs(2)).is_empty(),
+        "nothing dead-lettered"
+    );
+    k.assert_committed_to_end(&k.source);
+}
