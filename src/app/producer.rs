@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, IngestConfig};
 use crate::config::Config;
 use crate::observability::{serve_ops, Metrics, Readiness};
 use crate::service::generator::{self, GeneratorConfig, GeneratorStats};
-use crate::service::ingest::{self, IngestConfig, Ledger};
+use crate::service::ingest::Ledger;
 use crate::service::Publisher;
 use crate::transport::{HealthChecker, KafkaPublisher};
 
@@ -67,7 +68,7 @@ pub async fn start(
         .await
         .map_err(|e| anyhow::anyhow!("HTTP_ADDR={}: cannot listen: {e}", config.http.addr))?;
     let http_addr = listener.local_addr()?;
-    let app = ingest::router(
+    let app = api::router(
         IngestConfig {
             default_topic: config.producer.topic.clone(),
             allowed_topics: config.producer.allowed_topics.clone(),
