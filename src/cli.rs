@@ -87,23 +87,9 @@ pub fn duration_arg(s: &str) -> Result<Duration, String> {
 fn load(cli: &Cli) -> anyhow::Result<Config> {
     let mut config = Config::load(cli.config.as_deref())?;
     if matches!(cli.command, Command::Demo(_)) {
-        demo_log_defaults(&mut config);
+        app::demo::log_defaults(&mut config);
     }
     Ok(config)
-}
-
-/// The demo is watched by a person: unless `LOG_LEVEL`/`LOG_FORMAT` say otherwise, it logs
-/// only warnings (without the per-message retry/DLQ lines its injected failures cause) and
-/// in the readable format on a terminal, so its progress line and summary stay in view.
-pub fn demo_log_defaults(config: &mut Config) {
-    if std::env::var_os("LOG_LEVEL").is_none() {
-        config.log.level = "warn,courier::service::worker=off".into();
-    }
-    if std::env::var_os("LOG_FORMAT").is_none()
-        && std::io::IsTerminal::is_terminal(&std::io::stderr())
-    {
-        config.log.format = crate::config::LogFormat::Pretty;
-    }
 }
 
 /// Runs the parsed command line. Returns the process exit code.
@@ -146,7 +132,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     count,
                     types: parse_types(&types).map_err(anyhow::Error::msg)?,
                     duplicate_share: 0.0,
-                    max_pending: 10_000,
+                    max_pending: crate::service::generator::DEFAULT_MAX_PENDING,
                 })
             } else {
                 None
@@ -169,7 +155,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Demo(args) => app::demo::run_cli(config, args).await?,
+        Command::Demo(args) => app::demo::run(config, args, app::shutdown_on_signals()).await?,
         Command::Dlq { action } => app::dlq::run_cli(config, action).await?,
         Command::Consumer => {
             let shutdown = app::shutdown_on_signals();

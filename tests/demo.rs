@@ -9,9 +9,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courier::app::demo::{self, DemoOptions, ProgressStyle};
+use courier::app::demo::{session as demo, DemoOptions, DrainEnd, ProgressStyle};
 use courier::config::Config;
-use courier::service::demo::{DrainEnd, FailurePlan, Fate};
+use courier::service::demo::{FailurePlan, Fate};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 

@@ -17,6 +17,11 @@ use crate::service::publish::Publisher;
 /// The event types the generator knows.
 pub const EVENT_TYPES: &[&str] = &["order_created", "payment_received", "notification_sent"];
 
+/// How many generated events may await the broker's acknowledgement at once unless a caller
+/// chooses otherwise: enough to keep the producer's batches full at any rate the generator
+/// is used for, while bounding the memory of a run against a slow or unreachable broker.
+pub const DEFAULT_MAX_PENDING: usize = 10_000;
+
 /// Generator settings.
 #[derive(Debug, Clone)]
 pub struct GeneratorConfig {
