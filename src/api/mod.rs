@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 
+use crate::config::Config;
 use crate::model::Envelope;
 use crate::observability::{Metrics, Readiness};
 use crate::service::ingest::{publish_batch, validate_batch, Ledger};
@@ -39,6 +40,19 @@ pub struct IngestConfig {
     /// Deadline for the body to arrive (408 after) and for the broker's acknowledgement of
     /// every event (503 after).
     pub request_timeout: Duration,
+}
+
+impl IngestConfig {
+    /// The settings of `config`: the producer's topics and the `HTTP_*` limits.
+    pub fn from_config(config: &Config) -> Self {
+        IngestConfig {
+            default_topic: config.producer.topic.clone(),
+            allowed_topics: config.producer.allowed_topics.clone(),
+            max_body_bytes: config.http.max_body_bytes,
+            max_batch_events: config.http.max_batch_events,
+            request_timeout: config.http.request_timeout,
+        }
+    }
 }
 
 #[derive(Clone)]
