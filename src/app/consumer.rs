@@ -72,17 +72,7 @@ pub async fn start(
     .await?;
     let dedupe: Arc<dyn DedupeStore> =
         Arc::new(MemoryDedupe::new(config.dedupe.ttl, config.dedupe.capacity));
-    // The longest delay a retry may get (a processor's `retry_after` is clamped to it), and
-    // the horizon beyond which a due time is treated as malformed: a margin above it, so a
-    // retry written by any member of the group is never treated as due early.
-    let longest_delay = config
-        .retry
-        .backoff
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or_default();
-    let max_retry_delay = longest_delay.max(Duration::from_secs(3600));
+    let max_retry_delay = max_retry_delay(&config);
     let ctx = Arc::new(WorkerContext {
         processor,
         publisher: publisher.clone(),
@@ -130,6 +120,21 @@ pub async fn start(
         metrics,
         done,
     })
+}
+
+/// The longest delay a retry may get (a processor's `retry_after` is clamped to it): the
+/// longest configured back-off, and at least an hour. The horizon beyond which a due time
+/// is treated as malformed is a margin above it, so a retry written by any member of the
+/// group is never treated as due early.
+fn max_retry_delay(config: &Config) -> Duration {
+    let longest_delay = config
+        .retry
+        .backoff
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    longest_delay.max(Duration::from_secs(3600))
 }
 
 /// `courier consumer` arguments: none yet (the consumer is configured by its variables).
