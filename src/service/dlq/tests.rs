@@ -364,48 +364,85 @@ fn plan(kinds: &[&str]) -> ReplayPlan {
     }
 }
 
-#[tokio::test]
-async fn replay_publishes_selected_and_commits_after_each_ack() {
+/// How the mocks of a scripted replay fail.
+#[derive(Debug, Clone, Copy, Default)]
+struct Faults {
+    /// The publish of the message with this id fails.
+    publish_of: Option<&'static str>,
+    /// Every commit fails.
+    commits: bool,
+}
+
+/// What a replay of [`dlq_fixture`] did.
+struct Replayed {
+    /// The ids of the published records, in order.
+    published: Vec<Vec<u8>>,
+    /// The offsets of each commit, in order.
+    commits: Vec<Vec<(i32, i64)>>,
+    report: ReplayReport,
+    /// The name of each observed [`ReplayEvent`].
+    seen: Vec<String>,
+    result: Result<(), ReplayError>,
+}
+
+/// Replays [`dlq_fixture`] with `plan` through a mock publisher and progress store that fail
+/// as `faults` says; `None` is a dry run (no target).
+async fn replay_fixture(
+    plan: &ReplayPlan,
+    faults: Option<Faults>,
+    shutdown: &CancellationToken,
+) -> Replayed {
     let published = Arc::new(Mutex::new(Vec::new()));
     let commits: Commits = Arc::default();
-    let (pb, pr) = (publisher(&published, None), progress(&commits, false));
-    let target = ReplayTarget {
+    let f = faults.unwrap_or_default();
+    let (pb, pr) = (
+        publisher(&published, f.publish_of),
+        progress(&commits, f.commits),
+    );
+    let target = faults.map(|_| ReplayTarget {
         publisher: &pb,
         progress: &pr,
-    };
+    });
     let mut rx = feed(dlq_fixture()).await;
     let mut report = ReplayReport::default();
     let mut seen = Vec::new();
-    replay_loop(
-        &mut rx,
-        &plan(&["fatal"]),
-        Some(target),
-        &CancellationToken::new(),
-        &mut report,
-        |ev| {
-            seen.push(
-                format!("{ev:?}")
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .to_owned(),
-            )
-        },
-    )
-    .await
-    .unwrap();
-    let ids: Vec<_> = published
+    let result = replay_loop(&mut rx, plan, target, shutdown, &mut report, |ev| {
+        let name = format!("{ev:?}");
+        seen.push(name.split_whitespace().next().unwrap().to_owned());
+    })
+    .await;
+    let published: Vec<Vec<u8>> = published
         .lock()
         .unwrap()
         .iter()
         .map(|r| r.headers[0].1.clone().unwrap())
         .collect();
-    assert_eq!(ids, vec![b"a".to_vec(), b"c".to_vec()]);
+    let commits = commits.lock().unwrap().clone();
+    Replayed {
+        published,
+        commits,
+        report,
+        seen,
+        result,
+    }
+}
+
+#[tokio::test]
+async fn replay_publishes_selected_and_commits_after_each_ack() {
+    let r = replay_fixture(
+        &plan(&["fatal"]),
+        Some(Faults::default()),
+        &CancellationToken::new(),
+    )
+    .await;
+    r.result.unwrap();
+    assert_eq!(r.published, vec![b"a".to_vec(), b"c".to_vec()]);
     assert_eq!(
-        *commits.lock().unwrap(),
+        r.commits,
         vec![vec![(0, 1)], vec![(0, 2), (1, 2)], vec![(0, 3)]],
         "past a, then past b (skipped), n (unreplayable) and c, then past d at the end"
     );
+    let report = &r.report;
     assert_eq!(
         (
             report.scanned,
@@ -417,109 +454,53 @@ async fn replay_publishes_selected_and_commits_after_each_ack() {
     );
     assert_eq!(report.per_topic["events"], 2);
     assert!(!report.dry_run && !report.interrupted);
-    assert_eq!(seen, vec!["Replayed", "Unreplayable", "Replayed"]);
+    assert_eq!(r.seen, vec!["Replayed", "Unreplayable", "Replayed"]);
 }
 
 #[tokio::test]
 async fn dry_run_publishes_and_commits_nothing() {
-    let mut rx = feed(dlq_fixture()).await;
-    let mut report = ReplayReport::default();
-    let mut would = 0;
-    replay_loop(
-        &mut rx,
-        &plan(&[]),
-        None,
-        &CancellationToken::new(),
-        &mut report,
-        |ev| {
-            if matches!(ev, ReplayEvent::WouldReplay { .. }) {
-                would += 1;
-            }
-        },
-    )
-    .await
-    .unwrap();
-    assert!(report.dry_run);
-    assert_eq!((report.replayed, report.unreplayable, would), (4, 1, 4));
+    let r = replay_fixture(&plan(&[]), None, &CancellationToken::new()).await;
+    r.result.unwrap();
+    assert!(r.report.dry_run);
+    assert!(r.published.is_empty() && r.commits.is_empty());
+    let would = r.seen.iter().filter(|e| *e == "WouldReplay").count();
+    assert_eq!((r.report.replayed, r.report.unreplayable, would), (4, 1, 4));
 }
 
 #[tokio::test]
 async fn a_failed_publish_commits_only_what_came_before() {
-    let published = Arc::new(Mutex::new(Vec::new()));
-    let commits: Commits = Arc::default();
-    let (pb, pr) = (publisher(&published, Some("c")), progress(&commits, false));
-    let target = ReplayTarget {
-        publisher: &pb,
-        progress: &pr,
+    let faults = Faults {
+        publish_of: Some("c"),
+        ..Faults::default()
     };
-    let mut rx = feed(dlq_fixture()).await;
-    let mut report = ReplayReport::default();
-    let err = replay_loop(
-        &mut rx,
-        &plan(&["fatal"]),
-        Some(target),
-        &CancellationToken::new(),
-        &mut report,
-        |_| {},
-    )
-    .await
-    .unwrap_err();
+    let r = replay_fixture(&plan(&["fatal"]), Some(faults), &CancellationToken::new()).await;
+    let err = r.result.unwrap_err();
     assert!(
         err.to_string()
             .contains("publishing DLQ message 1@1 to events failed"),
         "{err}"
     );
-    assert_eq!(
-        *commits.lock().unwrap(),
-        vec![vec![(0, 1)], vec![(0, 2), (1, 1)]]
-    );
-    assert_eq!(report.replayed, 1);
+    assert_eq!(r.commits, vec![vec![(0, 1)], vec![(0, 2), (1, 1)]]);
+    assert_eq!(r.report.replayed, 1);
 }
 
 #[tokio::test]
 async fn a_failed_commit_names_the_published_message() {
-    let published = Arc::new(Mutex::new(Vec::new()));
-    let commits: Commits = Arc::default();
-    let (pb, pr) = (publisher(&published, None), progress(&commits, true));
-    let target = ReplayTarget {
-        publisher: &pb,
-        progress: &pr,
+    let faults = Faults {
+        commits: true,
+        ..Faults::default()
     };
-    let mut rx = feed(dlq_fixture()).await;
-    let mut report = ReplayReport::default();
-    let err = replay_loop(
-        &mut rx,
-        &plan(&["fatal"]),
-        Some(target),
-        &CancellationToken::new(),
-        &mut report,
-        |_| {},
-    )
-    .await
-    .unwrap_err();
-    let msg = err.to_string();
+    let r = replay_fixture(&plan(&["fatal"]), Some(faults), &CancellationToken::new()).await;
+    let msg = r.result.unwrap_err().to_string();
     assert!(
         msg.contains("coordinator gone") && msg.contains("0@0 (a) was published but not recorded"),
         "{msg}"
     );
-    assert_eq!(
-        published.lock().unwrap().len(),
-        1,
-        "stops at the first failed commit"
-    );
+    assert_eq!(r.published.len(), 1, "stops at the first failed commit");
 }
 
 #[tokio::test]
 async fn cancelling_stops_between_messages_and_cuts_the_rate_wait_short() {
-    let published = Arc::new(Mutex::new(Vec::new()));
-    let commits: Commits = Arc::default();
-    let (pb, pr) = (publisher(&published, None), progress(&commits, false));
-    let target = ReplayTarget {
-        publisher: &pb,
-        progress: &pr,
-    };
-    let mut rx = feed(dlq_fixture()).await;
-    let mut report = ReplayReport::default();
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
@@ -532,14 +513,13 @@ async fn cancelling_stops_between_messages_and_cuts_the_rate_wait_short() {
         ..plan(&[])
     };
     let started = Instant::now();
-    replay_loop(&mut rx, &plan, Some(target), &token, &mut report, |_| {})
-        .await
-        .unwrap();
+    let r = replay_fixture(&plan, Some(Faults::default()), &token).await;
+    r.result.unwrap();
     assert!(started.elapsed() < Duration::from_millis(1900));
-    assert!(report.interrupted);
-    assert!(report.replayed <= 1);
-    assert_eq!(published.lock().unwrap().len() as u64, report.replayed);
-    if report.replayed == 1 {
-        assert_eq!(*commits.lock().unwrap(), vec![vec![(0, 1)]]);
+    assert!(r.report.interrupted);
+    assert!(r.report.replayed <= 1);
+    assert_eq!(r.published.len() as u64, r.report.replayed);
+    if r.report.replayed == 1 {
+        assert_eq!(r.commits, vec![vec![(0, 1)]]);
     }
 }
