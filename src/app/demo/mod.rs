@@ -73,7 +73,9 @@ fn parse_rate(s: &str) -> Result<f64, &'static str> {
 /// Applied before logging starts.
 pub(crate) fn log_defaults(config: &mut Config) {
     if std::env::var_os("LOG_LEVEL").is_none() {
-        config.log.level = "warn,courier::service::worker=off".into();
+        // Per-message events log under `courier::message` (before the observability
+        // events, under the worker's target): both are quieted.
+        config.log.level = "warn,courier::message=off,courier::service::worker=off".into();
     }
     if std::env::var_os("LOG_FORMAT").is_none() && std::io::stderr().is_terminal() {
         config.log.format = LogFormat::Pretty;
