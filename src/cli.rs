@@ -1,13 +1,13 @@
-//! The command line: one library call per subcommand.
+//! The command line: the flags, and one library call per subcommand. Every subcommand `x`
+//! is `app::x::XArgs` plus `app::x::run(config, args, shutdown)`.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, consumer::ConsumerOptions, producer::ProducerOptions};
-use crate::config::{parse_duration, Config};
-use crate::service::generator::{parse_types, GeneratorConfig};
+use crate::app;
+use crate::config::Config;
 
 /// courier: Kafka producer and consumer services with retry topics, a dead-letter topic
 /// and dedupe by message-id. Configured by environment variables (see README.md).
@@ -26,157 +26,73 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The producer service: HTTP ingest API and an optional event generator.
-    Producer {
-        /// Generate seed-style events too.
-        #[arg(long)]
-        generate: bool,
-        /// Events per second of the generator.
-        #[arg(long, default_value_t = 100.0, value_name = "N")]
-        rate: f64,
-        /// Stop after this many generated events.
-        #[arg(long, value_name = "N")]
-        count: Option<u64>,
-        /// Event types, comma-separated.
-        #[arg(
-            long,
-            default_value = "order_created,payment_received,notification_sent"
-        )]
-        types: String,
-    },
+    Producer(app::producer::ProducerArgs),
     /// The consumer service: worker pool, retry topics, DLQ and dedupe.
-    Consumer,
+    Consumer(app::consumer::ConsumerArgs),
     /// Topic provisioning.
-    Topics {
-        /// create or list.
-        #[command(subcommand)]
-        action: TopicsAction,
-    },
+    Topics(app::topics::TopicsArgs),
     /// An in-memory Kafka-protocol broker for local runs and tests (keeps nothing on disk).
-    DevBroker {
-        /// Also write the bootstrap address to this file.
-        #[arg(long, value_name = "PATH")]
-        bootstrap_file: Option<PathBuf>,
-    },
+    DevBroker(app::dev_broker::DevBrokerArgs),
     /// Print the effective configuration as TOML, secrets redacted (or, with a flag, the
     /// docs generated from the definition of every setting).
-    Config(app::tools::ConfigArgs),
+    Config(app::config::ConfigArgs),
     /// Dev broker + producer + consumer in one process, with injected failures.
     Demo(app::demo::DemoArgs),
     /// Dead-letter topic operations: inspect and replay.
-    Dlq {
-        /// inspect or replay.
-        #[command(subcommand)]
-        action: app::dlq::DlqAction,
-    },
+    Dlq(app::dlq::DlqArgs),
 }
 
-/// `courier topics` actions.
-#[derive(Debug, Subcommand)]
-pub enum TopicsAction {
-    /// Create the source, retry and DLQ topics (existing ones are fine).
-    Create,
-    /// List topics with their partition counts.
-    List,
-}
-
-/// Parses `--duration`-style arguments.
-pub fn duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
-}
-
-fn load(cli: &Cli) -> anyhow::Result<Config> {
-    let mut config = Config::load(cli.config.as_deref())?;
-    if matches!(cli.command, Command::Demo(_)) {
-        demo_log_defaults(&mut config);
-    }
-    Ok(config)
-}
-
-/// The demo is watched by a person: unless `LOG_LEVEL`/`LOG_FORMAT` say otherwise, it logs
-/// only warnings (without the per-message retry/DLQ lines its injected failures cause) and
-/// in the readable format on a terminal, so its progress line and summary stay in view.
-pub fn demo_log_defaults(config: &mut Config) {
-    if std::env::var_os("LOG_LEVEL").is_none() {
-        config.log.level = "warn,courier::service::worker=off".into();
-    }
-    if std::env::var_os("LOG_FORMAT").is_none()
-        && std::io::IsTerminal::is_terminal(&std::io::stderr())
-    {
-        config.log.format = crate::config::LogFormat::Pretty;
+impl Command {
+    /// Whether the command stops cleanly on SIGTERM/SIGINT (its shutdown token is cancelled
+    /// by them). The one-shot commands keep the default: a signal ends the process at once,
+    /// so Ctrl-C never waits for a listing or for an unreachable broker.
+    fn stops_on_signals(&self) -> bool {
+        match self {
+            Command::Producer(_)
+            | Command::Consumer(_)
+            | Command::DevBroker(_)
+            | Command::Demo(_) => true,
+            Command::Dlq(args) => args.stops_on_signals(),
+            Command::Topics(_) | Command::Config(_) => false,
+        }
     }
 }
 
-/// Runs the parsed command line. Returns the process exit code.
+/// Runs the parsed command line: loads the configuration, starts logging and runs the
+/// subcommand.
+///
+/// # Errors
+/// A configuration that does not load, or the subcommand's error.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Config(args) = cli.command {
-        // The generated docs need no configuration; the effective one is loaded below.
-        if app::tools::print_config_docs(args, &mut std::io::stdout())? {
+    let Cli {
+        config: path,
+        command,
+    } = cli;
+    if let Command::Config(args) = &command {
+        if args.wants_docs() {
+            // Generated from the definition of every setting: no configuration is loaded,
+            // so one that does not load cannot hide the docs that would fix it.
+            app::config::print_docs(*args, &mut std::io::stdout())?;
             return Ok(());
         }
     }
-    let config = load(&cli)?;
-    crate::observability::logging::init(&config.log, std::io::stderr);
-    match cli.command {
-        Command::Config(_) => {
-            app::tools::print_config(&config, &mut std::io::stdout())?;
-        }
-        Command::Topics {
-            action: TopicsAction::Create,
-        } => app::tools::topics_create(&config, &mut std::io::stdout()).await?,
-        Command::Topics {
-            action: TopicsAction::List,
-        } => app::tools::topics_list(&config, &mut std::io::stdout()).await?,
-        Command::DevBroker { bootstrap_file } => {
-            let shutdown = app::shutdown_on_signals();
-            app::tools::dev_broker(&config, bootstrap_file.as_deref(), shutdown).await?;
-        }
-        Command::Producer {
-            generate,
-            rate,
-            count,
-            types,
-        } => {
-            if !(rate > 0.0 && rate.is_finite()) {
-                anyhow::bail!("--rate={rate}: expected a positive number of events per second");
-            }
-            let generate = if generate {
-                Some(GeneratorConfig {
-                    topic: config.producer.topic.clone(),
-                    rate,
-                    count,
-                    types: parse_types(&types).map_err(anyhow::Error::msg)?,
-                    duplicate_share: 0.0,
-                    max_pending: 10_000,
-                })
-            } else {
-                None
-            };
-            let shutdown = app::shutdown_on_signals();
-            let running = app::producer::start(
-                config,
-                ProducerOptions {
-                    generate,
-                    metrics: None,
-                    progress: true,
-                },
-                shutdown,
-            )
-            .await?;
-            let unflushed = running.done.await?;
-            if unflushed > 0 {
-                anyhow::bail!(
-                    "{unflushed} messages were not acknowledged before the flush deadline"
-                );
-            }
-        }
-        Command::Demo(args) => app::demo::run_cli(config, args).await?,
-        Command::Dlq { action } => app::dlq::run_cli(config, action).await?,
-        Command::Consumer => {
-            let shutdown = app::shutdown_on_signals();
-            let running =
-                app::consumer::start(config, ConsumerOptions::default(), shutdown).await?;
-            running.done.await?;
-        }
+    let mut config = Config::load(path.as_deref())?;
+    if matches!(command, Command::Demo(_)) {
+        app::demo::log_defaults(&mut config);
     }
-    Ok(())
+    crate::observability::logging::init(&config.log, std::io::stderr);
+    let shutdown = if command.stops_on_signals() {
+        app::shutdown_on_signals()
+    } else {
+        CancellationToken::new()
+    };
+    match command {
+        Command::Producer(args) => app::producer::run(config, args, shutdown).await,
+        Command::Consumer(args) => app::consumer::run(config, args, shutdown).await,
+        Command::Topics(args) => app::topics::run(config, args, shutdown).await,
+        Command::DevBroker(args) => app::dev_broker::run(config, args, shutdown).await,
+        Command::Config(args) => app::config::run(config, args, shutdown).await,
+        Command::Demo(args) => app::demo::run(config, args, shutdown).await,
+        Command::Dlq(args) => app::dlq::run(config, args, shutdown).await,
+    }
 }

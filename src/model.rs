@@ -522,75 +522,27 @@ impl Envelope {
         let Value::Object(mut body) = value else {
             return Err(EnvelopeError::NotAnObject);
         };
-        let event_type = match body.get("type") {
-            None | Some(Value::Null) => return Err(EnvelopeError::MissingType),
-            Some(Value::String(s)) if s.is_empty() => return Err(invalid("type", "is empty")),
-            Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
-                return Err(invalid("type", "is longer than 256 bytes"))
-            }
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(invalid("type", "must be a string")),
-        };
-        let id = match body.get("id") {
-            None | Some(Value::Null) => {
+        let event_type = short_string(&body, "type", false)?.ok_or(EnvelopeError::MissingType)?;
+        let id = match short_string(&body, "id", false)? {
+            Some(id) => id,
+            None => {
                 let id = uuid::Uuid::now_v7().to_string();
                 body.insert("id".into(), Value::String(id.clone()));
                 id
             }
-            Some(Value::String(s)) if s.is_empty() => return Err(invalid("id", "is empty")),
-            Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
-                return Err(invalid("id", "is longer than 256 bytes"))
-            }
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(invalid("id", "must be a string")),
         };
-        let key = match body.get("key") {
-            None | Some(Value::Null) => id.clone(),
-            Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
-                return Err(invalid("key", "is longer than 256 bytes"))
-            }
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(invalid("key", "must be a string")),
-        };
-        for field in ["source"] {
-            if let Some(v) = body.get(field) {
-                if !v.is_string() && !v.is_null() {
-                    return Err(invalid("source", "must be a string"));
-                }
-            }
+        // An empty key is a key: it is kept, not replaced by the id.
+        let key = short_string(&body, "key", true)?.unwrap_or_else(|| id.clone());
+        if body
+            .get("source")
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            return Err(invalid("source", "must be a string"));
         }
         for field in ["time", "timestamp"] {
-            match body.get(field) {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) => {
-                    if time::OffsetDateTime::parse(
-                        s,
-                        &time::format_description::well_known::Rfc3339,
-                    )
-                    .is_err()
-                    {
-                        return Err(invalid(
-                            if field == "time" { "time" } else { "timestamp" },
-                            "must be an RFC 3339 date-time",
-                        ));
-                    }
-                }
-                Some(_) => {
-                    return Err(invalid(
-                        if field == "time" { "time" } else { "timestamp" },
-                        "must be an RFC 3339 date-time string",
-                    ))
-                }
-            }
+            check_time(&body, field)?;
         }
-        let partition = match body.get("partition") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(p) if (0..=i32::MAX as i64).contains(&p) => Some(p as i32),
-                _ => return Err(invalid("partition", "must be a non-negative integer")),
-            },
-            Some(_) => return Err(invalid("partition", "must be a non-negative integer")),
-        };
+        let partition = partition(&body)?;
         Ok(Envelope {
             id,
             event_type,
@@ -610,6 +562,50 @@ impl Envelope {
             payload: Some(serde_json::to_vec(&self.body).unwrap_or_default()),
             headers: vec![(HEADER_MESSAGE_ID.into(), Some(self.id.clone().into_bytes()))],
         }
+    }
+}
+
+/// The string `field` of an envelope, at most [`MAX_ENVELOPE_FIELD_BYTES`] long (and not
+/// empty unless `empty_ok`); `None` when absent or null.
+fn short_string(
+    body: &Map<String, Value>,
+    field: &'static str,
+    empty_ok: bool,
+) -> Result<Option<String>, EnvelopeError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() && !empty_ok => Err(invalid(field, "is empty")),
+        Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
+            Err(invalid(field, "is longer than 256 bytes"))
+        }
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(invalid(field, "must be a string")),
+    }
+}
+
+/// `field` (`time` or `timestamp`), when present, is an RFC 3339 date-time string.
+fn check_time(body: &Map<String, Value>, field: &'static str) -> Result<(), EnvelopeError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) => {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map(drop)
+                .map_err(|_| invalid(field, "must be an RFC 3339 date-time"))
+        }
+        Some(_) => Err(invalid(field, "must be an RFC 3339 date-time string")),
+    }
+}
+
+/// The explicit `partition` of an envelope, a non-negative `i32`, if it names one.
+fn partition(body: &Map<String, Value>) -> Result<Option<i32>, EnvelopeError> {
+    let refused = || invalid("partition", "must be a non-negative integer");
+    match body.get("partition") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(p) if (0..=i64::from(i32::MAX)).contains(&p) => Ok(Some(p as i32)),
+            _ => Err(refused()),
+        },
+        Some(_) => Err(refused()),
     }
 }
 

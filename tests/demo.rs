@@ -9,9 +9,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use courier::app::demo::{self, DemoOptions, ProgressStyle};
+use courier::app::demo::{session as demo, DemoOptions, DrainEnd, ProgressStyle};
 use courier::config::Config;
-use courier::service::demo::{DrainEnd, FailurePlan, Fate};
+use courier::service::demo::{FailurePlan, Fate};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -154,10 +154,10 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
         let mut o = self.0.lock();
         match target {
             "courier::service::demo" if f.message.contains("accepted a message") => o.ok.push(id),
-            "courier::service::worker" if f.message.starts_with("Skipped a duplicate") => {
+            "courier::message" if f.message.starts_with("Skipped a duplicate") => {
                 o.duplicates.push(id)
             }
-            "courier::service::worker" if f.dlq_topic => o.dead_lettered.push(id),
+            "courier::message" if f.dlq_topic => o.dead_lettered.push(id),
             _ => {}
         }
     }
@@ -171,7 +171,7 @@ fn capture_outcomes() -> Arc<Mutex<Outcomes>> {
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
     let targets = tracing_subscriber::filter::Targets::new()
         .with_target("courier::service::demo", tracing::Level::DEBUG)
-        .with_target("courier::service::worker", tracing::Level::INFO);
+        .with_target("courier::message", tracing::Level::INFO);
     let stderr = std::env::var("TEST_LOG").ok().map(|level| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
@@ -466,7 +466,7 @@ fn the_binary_runs_for_its_duration_and_adds_up() {
             ("KAFKA_RETRY_BACKOFF", "200ms"),
             ("OPS_ADDR", "127.0.0.1:0"),
             ("HTTP_ADDR", "127.0.0.1:0"),
-            ("LOG_LEVEL", "error,courier::service::worker=off"),
+            ("LOG_LEVEL", "error,courier::message=off"),
         ],
         Duration::from_secs(45),
     );

@@ -167,3 +167,21 @@ pub async fn start(
         done,
     })
 }
+
+/// `courier consumer` arguments: none yet (the consumer is configured by its variables).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConsumerArgs {}
+
+/// `courier consumer`: runs until `shutdown`, then drains, commits and leaves the group.
+///
+/// # Errors
+/// When a client, the processor or the ops address cannot be set up.
+pub async fn run(
+    config: Config,
+    _args: ConsumerArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let running = start(config, ConsumerOptions::default(), shutdown).await?;
+    running.done.await?;
+    Ok(())
+}

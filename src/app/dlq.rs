@@ -67,8 +67,24 @@ impl FilterFlags {
     }
 }
 
+/// `courier dlq` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DlqArgs {
+    /// inspect or replay.
+    #[command(subcommand)]
+    pub action: DlqAction,
+}
+
+impl DlqArgs {
+    /// Whether the action stops cleanly on SIGTERM/SIGINT: a replay finishes the message in
+    /// hand and commits; an inspect only reads, so a signal ends it at once.
+    pub fn stops_on_signals(&self) -> bool {
+        matches!(self.action, DlqAction::Replay { .. })
+    }
+}
+
 /// `courier dlq` actions.
-#[derive(Debug, clap::Subcommand)]
+#[derive(Debug, Clone, clap::Subcommand)]
 pub enum DlqAction {
     /// List dead-lettered messages with a summary (reads only; commits nothing).
     Inspect {
@@ -129,14 +145,15 @@ pub struct ReplayOptions {
     pub group: Option<String>,
 }
 
-/// Runs a DLQ action from the command line; replay stops cleanly on SIGINT/SIGTERM.
+/// `courier dlq inspect|replay`, to stdout; a replay stops cleanly when `shutdown` is
+/// cancelled.
 ///
 /// # Errors
 /// Bad flags, an unreachable broker, a failed publish or commit, or an interrupted replay
 /// (so scripts see it did not finish).
-pub async fn run_cli(config: Config, action: DlqAction) -> anyhow::Result<()> {
+pub async fn run(config: Config, args: DlqArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    match action {
+    match args.action {
         DlqAction::Inspect {
             filter,
             limit,
@@ -163,8 +180,7 @@ pub async fn run_cli(config: Config, action: DlqAction) -> anyhow::Result<()> {
                 rate,
                 group,
             };
-            let report =
-                replay(&config, &opts, crate::app::shutdown_on_signals(), &mut out).await?;
+            let report = replay(&config, &opts, shutdown, &mut out).await?;
             if report.interrupted {
                 anyhow::bail!("the replay was interrupted; run the same command again to resume");
             }

@@ -1,11 +1,14 @@
 //! Wiring: each subcommand builds its transport, service and observability parts from the
-//! configuration and runs until its shutdown token is cancelled.
+//! configuration and runs until its shutdown token is cancelled. Every subcommand `x` has
+//! the same shape: `XArgs` (its flags) and `app::x::run(config, args, shutdown)`.
 
+pub(crate) mod config;
 pub mod consumer;
 pub mod demo;
+pub(crate) mod dev_broker;
 pub mod dlq;
 pub mod producer;
-pub mod tools;
+pub(crate) mod topics;
 
 use tokio_util::sync::CancellationToken;
 

@@ -4,14 +4,87 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{self, IngestConfig};
 use crate::config::Config;
 use crate::observability::{serve_ops, Metrics, Readiness};
-use crate::service::generator::{self, GeneratorConfig, GeneratorStats};
-use crate::service::ingest::{self, IngestConfig, Ledger};
+use crate::service::generator::{
+    self, parse_types, GeneratorConfig, GeneratorStats, DEFAULT_MAX_PENDING,
+};
+use crate::service::ingest::Ledger;
 use crate::service::Publisher;
 use crate::transport::{HealthChecker, KafkaPublisher};
+
+/// `courier producer` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProducerArgs {
+    /// Generate seed-style events too.
+    #[arg(long)]
+    pub generate: bool,
+    /// Events per second of the generator.
+    #[arg(long, default_value_t = 100.0, value_name = "N")]
+    pub rate: f64,
+    /// Stop after this many generated events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Event types, comma-separated.
+    #[arg(
+        long,
+        default_value = "order_created,payment_received,notification_sent"
+    )]
+    pub types: String,
+}
+
+impl ProducerArgs {
+    /// The generator's settings for `topic`, or `None` without `--generate` (`--rate` is
+    /// checked either way, `--types` only with `--generate`).
+    ///
+    /// # Errors
+    /// A `--rate` that is not a positive number, or an unknown or empty `--types`.
+    pub fn generator(&self, topic: &str) -> anyhow::Result<Option<GeneratorConfig>> {
+        let rate = self.rate;
+        if !(rate > 0.0 && rate.is_finite()) {
+            anyhow::bail!("--rate={rate}: expected a positive number of events per second");
+        }
+        if !self.generate {
+            return Ok(None);
+        }
+        Ok(Some(GeneratorConfig {
+            topic: topic.to_owned(),
+            rate,
+            count: self.count,
+            types: parse_types(&self.types)?,
+            duplicate_share: 0.0,
+            max_pending: DEFAULT_MAX_PENDING,
+        }))
+    }
+}
+
+/// `courier producer`: runs until `shutdown` (or, with `--count`, until the generator is
+/// done), then flushes.
+///
+/// # Errors
+/// Bad flags, a client or address that cannot be set up, or messages still unacknowledged
+/// at the flush deadline.
+pub async fn run(
+    config: Config,
+    args: ProducerArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let opts = ProducerOptions {
+        generate: args.generator(&config.producer.topic)?,
+        metrics: None,
+        progress: true,
+    };
+    let running = start(config, opts, shutdown).await?;
+    let unflushed = running.done.await?;
+    if unflushed > 0 {
+        anyhow::bail!("{unflushed} messages were not acknowledged before the flush deadline");
+    }
+    Ok(())
+}
 
 /// Producer options from the command line.
 #[derive(Debug, Clone, Default)]
@@ -36,7 +109,7 @@ pub struct RunningProducer {
     /// Generator counts.
     pub generator: Arc<GeneratorStats>,
     /// Finishes when the producer has shut down; yields the messages still unflushed.
-    pub done: tokio::task::JoinHandle<usize>,
+    pub done: JoinHandle<usize>,
 }
 
 /// Starts the producer; it runs until `shutdown` is cancelled (or the generator's count is
@@ -63,45 +136,18 @@ pub async fn start(
         shutdown.clone(),
     )
     .await?;
-    let listener = tokio::net::TcpListener::bind(config.http.addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("HTTP_ADDR={}: cannot listen: {e}", config.http.addr))?;
-    let http_addr = listener.local_addr()?;
-    let app = ingest::router(
-        IngestConfig {
-            default_topic: config.producer.topic.clone(),
-            allowed_topics: config.producer.allowed_topics.clone(),
-            max_body_bytes: config.http.max_body_bytes,
-            max_batch_events: config.http.max_batch_events,
-            request_timeout: config.http.request_timeout,
-        },
+    let app = api::router(
+        IngestConfig::from_config(&config),
         publisher.clone(),
-        readiness.clone(),
-        metrics.clone(),
+        readiness,
+        metrics,
         ledger.clone(),
     );
-    let http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await;
-    });
+    let (http_addr, http_task) = serve_ingest(config.http.addr, app, shutdown.clone()).await?;
     let stats = Arc::new(GeneratorStats::default());
     let gen_task = opts.generate.clone().map(|g| {
-        let (p, l, s, t) = (
-            publisher.clone(),
-            ledger.clone(),
-            stats.clone(),
-            shutdown.clone(),
-        );
-        let bounded = g.count.is_some();
-        tokio::spawn(async move {
-            generator::run(g, p, l, s, t.clone()).await;
-            if bounded {
-                tracing::info!("The generator sent its --count; stopping.");
-                t.cancel();
-            }
-        })
+        let (p, l, s) = (publisher.clone(), ledger.clone(), stats.clone());
+        spawn_generator(g, p, l, s, shutdown.clone())
     });
     if opts.progress
         && opts.generate.is_some()
@@ -137,6 +183,44 @@ pub async fn start(
         ledger,
         generator: stats,
         done,
+    })
+}
+
+/// Binds the ingest API on `addr` and serves it until `shutdown`, letting in-flight requests
+/// finish. Returns the bound address.
+async fn serve_ingest(
+    addr: SocketAddr,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("HTTP_ADDR={addr}: cannot listen: {e}"))?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok((bound, task))
+}
+
+/// Runs the generator until `shutdown`; one with a `--count` stops the producer once it has
+/// sent them all.
+fn spawn_generator(
+    cfg: GeneratorConfig,
+    publisher: Arc<dyn Publisher>,
+    ledger: Arc<Ledger>,
+    stats: Arc<GeneratorStats>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let bounded = cfg.count.is_some();
+    tokio::spawn(async move {
+        generator::run(cfg, publisher, ledger, stats, shutdown.clone()).await;
+        if bounded {
+            tracing::info!("The generator sent its --count; stopping.");
+            shutdown.cancel();
+        }
     })
 }
 

@@ -1,23 +1,18 @@
-//! The demo processor, and the demo's accounting: live counts and the summary whose
-//! numbers must add up.
+//! The demo processor: fails a chosen share of messages so that `courier demo` has retries,
+//! dead letters and duplicates to show. (The demo's presentation, its progress line and
+//! summary, is in `app::demo`.)
 //!
-//! `courier demo` needs failures to show the retry chain and the DLQ, and they must be
-//! reproducible: a message re-delivered (a retry, a replay, a restart) must meet the same
-//! fate, or the flow would look random. So the fate of a message is a pure function of its
-//! `message-id` (a hash of it), and how far a transient failure has got is read from the
-//! message's own `courier-attempt` header rather than from memory in this process.
+//! The failures must be reproducible: a message re-delivered (a retry, a replay, a restart)
+//! must meet the same fate, or the flow would look random. So the fate of a message is a
+//! pure function of its `message-id` (a hash of it), and how far a transient failure has
+//! got is read from the message's own `courier-attempt` header rather than from memory in
+//! this process.
 
-use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{Config, RetryConfig};
 use crate::model::Delivery;
-use crate::observability::Metrics;
-use crate::service::pipeline::ConsumerSummary;
 use crate::service::processor::{ProcessError, Processor};
 
 /// What share of messages fails, and how; the rest succeeds at once.
@@ -36,15 +31,16 @@ impl FailurePlan {
     ///
     /// # Errors
     /// A share outside 0..=1 (or not a number), or failure shares adding up to more than 1.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ShareError> {
         check_share("--transient-share", self.transient_share)?;
         check_share("--permanent-share", self.permanent_share)?;
         let sum = self.transient_share + self.permanent_share;
         if sum > 1.0 + f64::EPSILON {
-            return Err(format!(
-                "--transient-share={} plus --permanent-share={} is {sum}: expected at most 1",
-                self.transient_share, self.permanent_share
-            ));
+            return Err(ShareError::OverOne {
+                transient: self.transient_share,
+                permanent: self.permanent_share,
+                sum,
+            });
         }
         Ok(())
     }
@@ -71,15 +67,38 @@ impl FailurePlan {
     }
 }
 
+/// A share the demo cannot use, naming its command-line flag.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShareError {
+    /// Not a number from 0 to 1.
+    #[error("{flag}={value}: expected a number from 0 to 1")]
+    OutOfRange {
+        /// The flag, e.g. `--transient-share`.
+        flag: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// The failure shares add up to more than 1.
+    #[error("--transient-share={transient} plus --permanent-share={permanent} is {sum}: expected at most 1")]
+    OverOne {
+        /// `--transient-share`.
+        transient: f64,
+        /// `--permanent-share`.
+        permanent: f64,
+        /// Their sum.
+        sum: f64,
+    },
+}
+
 /// Checks that a share is a number from 0 to 1, naming `flag` when it is not.
 ///
 /// # Errors
-/// `{flag}={value}: expected a number from 0 to 1`.
-pub fn check_share(flag: &str, value: f64) -> Result<(), String> {
+/// [`ShareError::OutOfRange`].
+pub fn check_share(flag: &'static str, value: f64) -> Result<(), ShareError> {
     if (0.0..=1.0).contains(&value) {
         Ok(())
     } else {
-        Err(format!("{flag}={value}: expected a number from 0 to 1"))
+        Err(ShareError::OutOfRange { flag, value })
     }
 }
 
@@ -216,320 +235,6 @@ fn stable_hash(bytes: &[u8]) -> u64 {
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
 }
-
-/// The topics of the demo's accounting: which are sources, which are retry levels, and
-/// the DLQ.
-#[derive(Debug, Clone)]
-pub struct DemoTopics {
-    /// The source topics (what the demo produces to and consumes).
-    pub sources: Vec<String>,
-    /// The retry chain.
-    pub retry: RetryConfig,
-    /// Retry levels before the DLQ.
-    pub retry_max: u32,
-    /// Partitions per topic.
-    pub partitions: i32,
-}
-
-impl DemoTopics {
-    /// The topics of `config`.
-    pub fn from_config(config: &Config) -> Self {
-        DemoTopics {
-            sources: config.consumer.topics.clone(),
-            retry: config.retry.clone(),
-            retry_max: config.consumer.retry_max,
-            partitions: config.kafka.topic_partitions,
-        }
-    }
-
-    /// The retry level of `topic` (0 for a source topic or anything else).
-    pub fn level(&self, topic: &str) -> u32 {
-        self.retry.level_of(topic, self.retry_max).unwrap_or(0)
-    }
-
-    /// Every retry level's delay added up: the longest a message can spend waiting in the
-    /// chain, which bounds the demo's drain.
-    pub fn chain_delay(&self) -> Duration {
-        (1..=self.retry_max).map(|n| self.retry.delay(n)).sum()
-    }
-}
-
-/// Live counts of a demo run, read from the metrics registry that the producer and the
-/// consumer share (so the progress line and `/metrics` never disagree).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LiveCounts {
-    /// Acknowledged publishes to the source topics.
-    pub produced: u64,
-    /// Messages processed successfully.
-    pub ok: u64,
-    /// Messages skipped as duplicates.
-    pub duplicates: u64,
-    /// Messages finished by a DLQ publish.
-    pub dead_lettered: u64,
-    /// Acknowledged publishes to each retry level (index 0 is level 1).
-    pub retried: Vec<u64>,
-    /// `courier_consumer_lag` summed over every partition.
-    pub lag: i64,
-}
-
-impl LiveCounts {
-    /// Reads the counts out of `metrics`.
-    pub fn read(metrics: &Metrics, topics: &DemoTopics) -> Self {
-        let mut c = LiveCounts {
-            retried: vec![0; topics.retry_max as usize],
-            ..LiveCounts::default()
-        };
-        for family in metrics.registry().gather() {
-            for m in family.get_metric() {
-                let label = |name: &str| {
-                    m.get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map_or("", |l| l.value())
-                };
-                let count = m.get_counter().get_value() as u64;
-                match family.name() {
-                    "courier_messages_published_total" => {
-                        c.add_published(label("topic"), count, topics)
-                    }
-                    "courier_messages_processed_total" => match label("outcome") {
-                        "ok" => c.ok += count,
-                        "duplicate" => c.duplicates += count,
-                        "dlq" => c.dead_lettered += count,
-                        _ => {}
-                    },
-                    "courier_consumer_lag" => c.lag += m.get_gauge().get_value() as i64,
-                    _ => {}
-                }
-            }
-        }
-        c
-    }
-
-    fn add_published(&mut self, topic: &str, count: u64, topics: &DemoTopics) {
-        if topics.sources.iter().any(|t| t == topic) {
-            self.produced += count;
-        } else if let Some(n) = (topics.level(topic) as usize)
-            .checked_sub(1)
-            .and_then(|i| self.retried.get_mut(i))
-        {
-            *n += count;
-        }
-    }
-
-    /// Messages finished for good: ok, duplicate or dead-lettered.
-    pub fn finished(&self) -> u64 {
-        self.ok + self.duplicates + self.dead_lettered
-    }
-
-    /// Produced messages not finished yet (in flight, or waiting in the retry chain).
-    pub fn pending(&self) -> u64 {
-        self.produced.saturating_sub(self.finished())
-    }
-
-    /// One progress line, within about 80 columns for four-digit counts.
-    pub fn line(&self, elapsed: Duration) -> String {
-        let retried: Vec<String> = self.retried.iter().map(u64::to_string).collect();
-        format!(
-            "{:>6.1}s produced {} ok {} retried {} dlq {} dup {} pending {} lag {}",
-            elapsed.as_secs_f64(),
-            self.produced,
-            self.ok,
-            retried.join("/"),
-            self.dead_lettered,
-            self.duplicates,
-            self.pending(),
-            self.lag
-        )
-    }
-}
-
-/// How the demo's drain ended: only a complete drain can add up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DrainEnd {
-    /// Every produced message was finished.
-    Complete,
-    /// The user stopped waiting (Ctrl-C).
-    Interrupted,
-    /// The wait hit its limit (the retry chain's delays plus slack).
-    TimedOut,
-    /// The consumer stopped by itself.
-    ConsumerStopped,
-}
-
-impl std::fmt::Display for DrainEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DrainEnd::Complete => "the drain finished every message",
-            DrainEnd::Interrupted => "the drain was interrupted",
-            DrainEnd::TimedOut => "the drain hit its time limit",
-            DrainEnd::ConsumerStopped => "the consumer stopped by itself",
-        })
-    }
-}
-
-/// The outcome of a demo run: the numbers of its summary table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DemoSummary {
-    /// Messages acknowledged on the source topics (generated and sent to the ingest API).
-    pub produced: u64,
-    /// Of `produced`, the generator's.
-    pub generated: u64,
-    /// Generated events that re-used an earlier id.
-    pub resent_ids: u64,
-    /// Messages processed successfully (each counted once, at its successful attempt).
-    pub ok: u64,
-    /// Of `ok`, those that succeeded on a retry topic.
-    pub ok_after_retry: u64,
-    /// Messages skipped because their `message-id` was already processed (or in progress).
-    pub duplicates: u64,
-    /// Messages published to the DLQ.
-    pub dead_lettered: u64,
-    /// Of `dead_lettered`, the processor's fatal failures (the rest exhausted the retries).
-    pub fatal: u64,
-    /// Messages sent to each retry level: index 0 is `{prefix}-1`.
-    pub retried: Vec<u64>,
-    /// Messages left unfinished when the consumer stopped (consumed again after a restart).
-    pub abandoned: u64,
-    /// Processor calls (every attempt of every message).
-    pub processor_calls: u64,
-    /// How long events were generated.
-    pub ran_for: Duration,
-    /// How long the drain took.
-    pub drained_in: Duration,
-    /// How the drain ended.
-    pub drain: DrainEnd,
-    /// The `/metrics` URL served during the run.
-    pub metrics_url: String,
-    /// The ingest API's address.
-    pub ingest_addr: SocketAddr,
-}
-
-impl DemoSummary {
-    /// Whether every produced message is accounted for exactly once: ok, duplicate or DLQ.
-    pub fn adds_up(&self) -> bool {
-        self.produced == self.ok + self.duplicates + self.dead_lettered
-    }
-
-    /// The accounting as one line, ending in ✓ when it adds up and ✗ (with why) when not.
-    pub fn check_line(&self) -> String {
-        let sum = format!(
-            "ok {} + duplicates {} + dead-lettered {}",
-            self.ok, self.duplicates, self.dead_lettered
-        );
-        if self.adds_up() {
-            return format!("produced {} = {sum} ✓", self.produced);
-        }
-        let finished = self.ok + self.duplicates + self.dead_lettered;
-        let why = if finished < self.produced {
-            let cut = match self.drain {
-                DrainEnd::Complete => String::new(),
-                end => format!(": {end}"),
-            };
-            format!("{} not finished{cut}", self.produced - finished)
-        } else {
-            format!("{} finished more than once", finished - self.produced)
-        };
-        format!("produced {} ≠ {sum} ✗ ({why})", self.produced)
-    }
-
-    /// Adds the consumer's per-partition counts (its shutdown summary).
-    pub fn add_partitions(&mut self, summary: &ConsumerSummary, topics: &DemoTopics) {
-        for (tp, p) in summary {
-            let level = topics.level(&tp.topic);
-            self.ok += p.ok;
-            if level > 0 {
-                self.ok_after_retry += p.ok;
-            }
-            self.duplicates += p.duplicates;
-            self.dead_lettered += p.dead_lettered;
-            self.abandoned += p.abandoned;
-            // A retry from level L goes to level L + 1, at index L.
-            if let Some(n) = self.retried.get_mut(level as usize) {
-                *n += p.retried;
-            }
-        }
-    }
-
-    /// The rows of the summary table: what, how many, and a note.
-    fn rows(&self, topics: &DemoTopics) -> Vec<(String, u64, String)> {
-        let row = |what: &str, n: u64, note: String| (what.to_owned(), n, note);
-        let via_api = self.produced.saturating_sub(self.generated);
-        let sources = topics.sources.join(",");
-        let mut rows = vec![
-            row(
-                "produced",
-                self.produced,
-                format!(
-                    "on {sources} ({} generated, {via_api} via the ingest API)",
-                    self.generated
-                ),
-            ),
-            row(
-                "processed ok",
-                self.ok,
-                format!("{} of them on a retry", self.ok_after_retry),
-            ),
-        ];
-        for (i, n) in self.retried.iter().enumerate() {
-            let topic = topics.retry.topic(i as u32 + 1);
-            rows.push(row(&format!("retried to {topic}"), *n, String::new()));
-        }
-        let exhausted = self.dead_lettered.saturating_sub(self.fatal);
-        let dlq = &topics.retry.dlq_topic;
-        rows.push(row(
-            "dead-lettered",
-            self.dead_lettered,
-            format!(
-                "on {dlq} ({} fatal, {exhausted} exhausted every retry)",
-                self.fatal
-            ),
-        ));
-        rows.push(row(
-            "duplicates skipped",
-            self.duplicates,
-            format!(
-                "the generator re-used {} ids; a copy of a failed message is processed again",
-                self.resent_ids
-            ),
-        ));
-        rows.push(row(
-            "processor calls",
-            self.processor_calls,
-            "every attempt of every message".into(),
-        ));
-        if self.abandoned > 0 {
-            rows.push(row(
-                "left unfinished",
-                self.abandoned,
-                "uncommitted; consumed again after a restart".into(),
-            ));
-        }
-        rows
-    }
-
-    /// Writes the summary table and the accounting line.
-    ///
-    /// # Errors
-    /// When `out` fails.
-    pub fn write_table(&self, out: &mut dyn Write, topics: &DemoTopics) -> std::io::Result<()> {
-        let cut = if self.drain == DrainEnd::Complete {
-            ""
-        } else {
-            ", cut short"
-        };
-        let (ran, drained) = (self.ran_for.as_secs_f64(), self.drained_in.as_secs_f64());
-        writeln!(
-            out,
-            "\nSummary (generated for {ran:.1}s, drained in {drained:.1}s{cut})"
-        )?;
-        for (what, n, note) in self.rows(topics) {
-            writeln!(out, "{}", format!("  {what:<26}{n:>7}   {note}").trim_end())?;
-        }
-        writeln!(out, "\n{}", self.check_line())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,21 +361,24 @@ mod tests {
             permanent_share: 0.0,
         }
         .validate()
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("--transient-share=1.5:"), "{e}");
         let e = FailurePlan {
             transient_share: 0.0,
             permanent_share: f64::NAN,
         }
         .validate()
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("--permanent-share=NaN:"), "{e}");
         let e = FailurePlan {
             transient_share: 0.6,
             permanent_share: 0.5,
         }
         .validate()
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("expected at most 1"), "{e}");
         assert!(FailurePlan {
             transient_share: 0.7,
@@ -760,129 +468,5 @@ mod tests {
         let fate = p.fate_of(&d);
         assert_eq!(fate, PLAN.fate(b"{}"));
         assert_eq!(p.fate_of(&d), fate);
-    }
-
-    fn topics() -> DemoTopics {
-        DemoTopics {
-            sources: vec!["events".into()],
-            retry: RetryConfig {
-                topic_prefix: "events-retry".into(),
-                backoff: vec![Duration::from_secs(1), Duration::from_secs(2)],
-                dlq_topic: "events-dlq".into(),
-            },
-            retry_max: 3,
-            partitions: 6,
-        }
-    }
-
-    fn summary(produced: u64, ok: u64, dup: u64, dlq: u64, drain: DrainEnd) -> DemoSummary {
-        DemoSummary {
-            produced,
-            generated: produced,
-            resent_ids: dup,
-            ok,
-            ok_after_retry: 0,
-            duplicates: dup,
-            dead_lettered: dlq,
-            fatal: 0,
-            retried: vec![0; 3],
-            abandoned: 0,
-            processor_calls: 0,
-            ran_for: Duration::ZERO,
-            drained_in: Duration::ZERO,
-            drain,
-            metrics_url: String::new(),
-            ingest_addr: "127.0.0.1:8080".parse().unwrap(),
-        }
-    }
-
-    #[test]
-    fn the_check_line_says_whether_and_why() {
-        let s = summary(1500, 1310, 75, 115, DrainEnd::Complete);
-        assert!(s.adds_up());
-        assert_eq!(
-            s.check_line(),
-            "produced 1500 = ok 1310 + duplicates 75 + dead-lettered 115 ✓"
-        );
-        let s = summary(1500, 1300, 75, 115, DrainEnd::Interrupted);
-        assert!(!s.adds_up());
-        assert!(s
-            .check_line()
-            .ends_with("✗ (10 not finished: the drain was interrupted)"));
-        let s = summary(10, 9, 1, 1, DrainEnd::Complete);
-        assert!(s.check_line().contains("1 finished more than once"));
-    }
-
-    #[test]
-    fn live_counts_read_the_shared_metrics() {
-        let m = Metrics::new();
-        let t = topics();
-        m.messages_published
-            .with_label_values(&["events"])
-            .inc_by(10);
-        m.messages_published
-            .with_label_values(&["events-retry-2"])
-            .inc_by(2);
-        m.messages_published
-            .with_label_values(&["events-dlq"])
-            .inc();
-        for (topic, outcome, n) in [
-            ("events", "ok", 6),
-            ("events-retry-1", "ok", 1),
-            ("events", "duplicate", 2),
-            ("events-retry-3", "dlq", 1),
-            ("events", "retry", 3),
-        ] {
-            m.messages_processed
-                .with_label_values(&[topic, outcome])
-                .inc_by(n);
-        }
-        m.consumer_lag.with_label_values(&["events", "0"]).set(4);
-        let c = LiveCounts::read(&m, &t);
-        assert_eq!(
-            (c.produced, c.ok, c.duplicates, c.dead_lettered, c.lag),
-            (10, 7, 2, 1, 4)
-        );
-        assert_eq!(c.retried, vec![0, 2, 0]);
-        assert_eq!((c.finished(), c.pending()), (10, 0));
-        let line = c.line(Duration::from_secs(3));
-        assert!(
-            line.contains("retried 0/2/0 dlq 1 dup 2 pending 0 lag 4"),
-            "{line}"
-        );
-        assert_eq!(t.chain_delay(), Duration::from_secs(5));
-    }
-
-    #[test]
-    fn the_summary_sums_partitions_by_level() {
-        use crate::service::pipeline::PartitionCounts;
-        use crate::service::source::Tp;
-        let t = topics();
-        let mut per = ConsumerSummary::new();
-        let p = |ok, retried, dead_lettered, duplicates| PartitionCounts {
-            ok,
-            retried,
-            dead_lettered,
-            duplicates,
-            ..PartitionCounts::default()
-        };
-        per.insert(Tp::new("events", 0), p(80, 15, 3, 2));
-        per.insert(Tp::new("events", 1), p(10, 5, 0, 0));
-        per.insert(Tp::new("events-retry-1", 0), p(12, 8, 0, 0));
-        per.insert(Tp::new("events-retry-3", 2), p(0, 0, 2, 0));
-        let mut s = summary(0, 0, 0, 0, DrainEnd::Complete);
-        s.add_partitions(&per, &t);
-        assert_eq!(
-            (s.ok, s.ok_after_retry, s.duplicates, s.dead_lettered),
-            (102, 12, 2, 5)
-        );
-        assert_eq!(s.retried, vec![20, 8, 0]);
-        s.produced = 109;
-        assert!(s.adds_up());
-        let mut out = Vec::new();
-        s.write_table(&mut out, &t).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("retried to events-retry-1"), "{text}");
-        assert!(text.ends_with("dead-lettered 5 ✓\n"), "{text}");
     }
 }

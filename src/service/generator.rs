@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rand::{Rng, RngExt};
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::Envelope;
@@ -16,6 +16,11 @@ use crate::service::publish::Publisher;
 
 /// The event types the generator knows.
 pub const EVENT_TYPES: &[&str] = &["order_created", "payment_received", "notification_sent"];
+
+/// How many generated events may await the broker's acknowledgement at once unless a caller
+/// chooses otherwise: enough to keep the producer's batches full at any rate the generator
+/// is used for, while bounding the memory of a run against a slow or unreachable broker.
+pub const DEFAULT_MAX_PENDING: usize = 10_000;
 
 /// Generator settings.
 #[derive(Debug, Clone)]
@@ -47,29 +52,40 @@ pub struct GeneratorStats {
     pub duplicates: AtomicU64,
 }
 
+/// A `--types` value the generator cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TypesError {
+    /// No type named.
+    #[error("--types: expected one or more of {}", EVENT_TYPES.join(","))]
+    Empty,
+    /// A type the generator does not know.
+    #[error("--types={given}: unknown type `{unknown}`; expected one or more of {}", EVENT_TYPES.join(","))]
+    Unknown {
+        /// The whole flag value.
+        given: String,
+        /// The first unknown type in it.
+        unknown: String,
+    },
+}
+
 /// Parses `--types`: a comma-separated subset of [`EVENT_TYPES`].
 ///
 /// # Errors
-/// Names the unknown type and lists the known ones.
-pub fn parse_types(s: &str) -> Result<Vec<String>, String> {
+/// [`TypesError`], naming the unknown type and listing the known ones.
+pub fn parse_types(s: &str) -> Result<Vec<String>, TypesError> {
     let types: Vec<String> = s
         .split(',')
         .map(|t| t.trim().to_owned())
         .filter(|t| !t.is_empty())
         .collect();
     if types.is_empty() {
-        return Err(format!(
-            "--types: expected one or more of {}",
-            EVENT_TYPES.join(",")
-        ));
+        return Err(TypesError::Empty);
     }
-    for t in &types {
-        if !EVENT_TYPES.contains(&t.as_str()) {
-            return Err(format!(
-                "--types={s}: unknown type `{t}`; expected one or more of {}",
-                EVENT_TYPES.join(",")
-            ));
-        }
+    if let Some(t) = types.iter().find(|t| !EVENT_TYPES.contains(&t.as_str())) {
+        return Err(TypesError::Unknown {
+            given: s.to_owned(),
+            unknown: t.clone(),
+        });
     }
     Ok(types)
 }
@@ -108,18 +124,19 @@ pub async fn run(
     stats: Arc<GeneratorStats>,
     shutdown: CancellationToken,
 ) {
-    let pending = Arc::new(Semaphore::new(cfg.max_pending.max(1)));
+    let max_pending = cfg.max_pending.max(1);
+    let pending = Arc::new(Semaphore::new(max_pending));
     let tick = Duration::from_millis(10);
     let per_tick = cfg.rate.max(0.001) * tick.as_secs_f64();
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut budget = 0.0f64;
-    let mut n: u64 = 0;
-    let mut recent_ids: Vec<String> = Vec::with_capacity(1024);
-    let types = if cfg.types.is_empty() {
-        EVENT_TYPES.iter().map(|s| s.to_string()).collect()
-    } else {
-        cfg.types.clone()
+    let mut events = Events::new(&cfg);
+    let sink = Sink {
+        publisher,
+        ledger,
+        stats,
+        topic: cfg.topic.clone(),
     };
     'outer: loop {
         tokio::select! {
@@ -128,7 +145,7 @@ pub async fn run(
         }
         budget += per_tick;
         while budget >= 1.0 {
-            if cfg.count.is_some_and(|c| n >= c) {
+            if cfg.count.is_some_and(|c| events.made >= c) {
                 break 'outer;
             }
             budget -= 1.0;
@@ -136,57 +153,106 @@ pub async fn run(
                 _ = shutdown.cancelled() => break 'outer,
                 p = pending.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             };
-            let (value, duplicate) = {
-                let mut rng = rand::rng();
-                let mut v = make_event(&types[(n as usize) % types.len()], n, &mut rng);
-                let dup =
-                    !recent_ids.is_empty() && rng.random_bool(cfg.duplicate_share.clamp(0.0, 1.0));
-                if dup {
-                    v["id"] = json!(recent_ids[rng.random_range(0..recent_ids.len())]);
-                }
-                (v, dup)
-            };
-            n += 1;
-            // Generated events are always valid envelopes.
-            let Ok(env) = Envelope::from_value(value) else {
-                continue;
-            };
-            if !duplicate {
-                if recent_ids.len() < 1024 {
-                    recent_ids.push(env.id.clone())
-                } else {
-                    recent_ids[(n as usize) % 1024] = env.id.clone()
-                }
+            if let Some((env, duplicate)) = events.next() {
+                sink.spawn_publish(env, duplicate, permit);
             }
-            stats.sent.fetch_add(1, Ordering::Relaxed);
-            let (publisher, ledger, stats, topic) = (
-                publisher.clone(),
-                ledger.clone(),
-                stats.clone(),
-                cfg.topic.clone(),
-            );
-            tokio::spawn(async move {
-                let res = publisher.publish(env.to_record(&topic)).await;
-                ledger.record(&topic, &res);
-                match &res {
-                    Ok(_) if duplicate => {
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
-                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {
-                        stats.acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        stats.failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(message_id = %env.id, topic, error = %e, "A generated event was not published.");
-                    }
-                }
-                drop(permit);
-            });
         }
     }
     // Wait for every started publish to finish.
-    let _ = pending.acquire_many(cfg.max_pending.max(1) as u32).await;
+    let _ = pending.acquire_many(max_pending as u32).await;
+}
+
+/// How many recent ids the generator remembers to re-send.
+const RECENT_IDS: usize = 1024;
+
+/// The generated events in order: the types in turn, a share of them re-using the id of a
+/// recent event.
+struct Events {
+    types: Vec<String>,
+    duplicate_share: f64,
+    /// Events made so far (counted by `--count`).
+    made: u64,
+    recent_ids: Vec<String>,
+}
+
+impl Events {
+    fn new(cfg: &GeneratorConfig) -> Self {
+        let types = if cfg.types.is_empty() {
+            EVENT_TYPES.iter().map(|s| s.to_string()).collect()
+        } else {
+            cfg.types.clone()
+        };
+        Events {
+            types,
+            duplicate_share: cfg.duplicate_share.clamp(0.0, 1.0),
+            made: 0,
+            recent_ids: Vec::with_capacity(RECENT_IDS),
+        }
+    }
+
+    /// The next event, and whether it re-uses an earlier id. Generated events are always
+    /// valid envelopes; one that is not would be skipped (`None`), still counted as made.
+    fn next(&mut self) -> Option<(Envelope, bool)> {
+        let n = self.made;
+        let (value, duplicate) = {
+            let mut rng = rand::rng();
+            let mut v = make_event(&self.types[(n as usize) % self.types.len()], n, &mut rng);
+            let dup = !self.recent_ids.is_empty() && rng.random_bool(self.duplicate_share);
+            if dup {
+                v["id"] = json!(self.recent_ids[rng.random_range(0..self.recent_ids.len())]);
+            }
+            (v, dup)
+        };
+        self.made += 1;
+        let env = Envelope::from_value(value).ok()?;
+        if !duplicate {
+            if self.recent_ids.len() < RECENT_IDS {
+                self.recent_ids.push(env.id.clone())
+            } else {
+                self.recent_ids[(self.made as usize) % RECENT_IDS] = env.id.clone()
+            }
+        }
+        Some((env, duplicate))
+    }
+}
+
+/// Where generated events go, and what counts them.
+struct Sink {
+    publisher: Arc<dyn Publisher>,
+    ledger: Arc<Ledger>,
+    stats: Arc<GeneratorStats>,
+    topic: String,
+}
+
+impl Sink {
+    /// Publishes `env` on a task of its own, which holds `permit` until the broker answered.
+    fn spawn_publish(&self, env: Envelope, duplicate: bool, permit: OwnedSemaphorePermit) {
+        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        let (publisher, ledger, stats, topic) = (
+            self.publisher.clone(),
+            self.ledger.clone(),
+            self.stats.clone(),
+            self.topic.clone(),
+        );
+        tokio::spawn(async move {
+            let res = publisher.publish(env.to_record(&topic)).await;
+            ledger.record(&topic, &res);
+            match &res {
+                Ok(_) if duplicate => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(message_id = %env.id, topic, error = %e, "A generated event was not published.");
+                }
+            }
+            drop(permit);
+        });
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +271,7 @@ mod tests {
         );
         assert!(parse_types("order_created,refund")
             .unwrap_err()
+            .to_string()
             .contains("unknown type `refund`"));
         assert!(parse_types(" , ").is_err());
     }

@@ -1,5 +1,6 @@
 //! Processing logic, free of rdkafka types: the processor trait and built-ins, outcome
-//! routing, the dedupe store, the offset tracker, the worker pool and the producer's ingest.
+//! routing, the dedupe store, the offset tracker, the worker pool and the producer's ingest
+//! logic (its HTTP adapter is `api`).
 
 pub mod builtin;
 pub mod circuit;

@@ -29,7 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::service::dlq::{ProgressStore, ReadEvent};
+use crate::service::dlq::{ProgressError, ProgressStore, ReadEvent};
 use crate::transport::consumer::to_delivery;
 use crate::transport::settings::{client_config, ClientRole};
 
@@ -41,6 +41,28 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_WAIT: Duration = Duration::from_millis(100);
 /// Events buffered between the reader thread and the caller.
 const CHANNEL_CAPACITY: usize = 64;
+
+/// Why the DLQ reader could not start. The messages are the client's own, or name the
+/// missing topic.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqReadError {
+    /// The DLQ topic does not exist (or has no partitions).
+    #[error("the DLQ topic {topic} (KAFKA_DLQ_TOPIC) does not exist or has no partitions")]
+    NoTopic {
+        /// `KAFKA_DLQ_TOPIC`.
+        topic: String,
+    },
+    /// The consumer could not be created, or the broker did not answer the metadata,
+    /// watermark or committed-offset requests (or the assignment) in time.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The blocking task that asks the broker did not complete.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    /// The reader thread could not be started.
+    #[error(transparent)]
+    Thread(#[from] std::io::Error),
+}
 
 /// How the DLQ is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,12 +107,12 @@ impl std::fmt::Debug for DlqReader {
 /// Opens a reader of `config`'s DLQ topic.
 ///
 /// # Errors
-/// When the consumer cannot be created, the topic does not exist, or the broker does not
-/// answer the watermark or committed-offset requests in time.
+/// [`DlqReadError`]: the consumer cannot be created, the topic does not exist, or the
+/// broker does not answer the watermark or committed-offset requests in time.
 pub async fn open(
     config: &Config,
     mode: ReadMode,
-) -> anyhow::Result<(DlqReader, mpsc::Receiver<ReadEvent>)> {
+) -> Result<(DlqReader, mpsc::Receiver<ReadEvent>), DlqReadError> {
     let topic = config.retry.dlq_topic.clone();
     let mut cc = client_config(config, ClientRole::Consumer);
     cc.set("enable.partition.eof", "true");
@@ -174,7 +196,7 @@ fn plan_ranges(
     consumer: &BaseConsumer,
     topic: &str,
     mode: &ReadMode,
-) -> anyhow::Result<Vec<PartitionRange>> {
+) -> Result<Vec<PartitionRange>, DlqReadError> {
     let md = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
     let partitions: Vec<i32> = md
         .topics()
@@ -183,9 +205,9 @@ fn plan_ranges(
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        anyhow::bail!(
-            "the DLQ topic {topic} (KAFKA_DLQ_TOPIC) does not exist or has no partitions"
-        );
+        return Err(DlqReadError::NoTopic {
+            topic: topic.to_owned(),
+        });
     }
     let committed = match mode {
         ReadMode::Snapshot => None,
@@ -310,16 +332,16 @@ impl std::fmt::Debug for KafkaProgress {
 
 #[async_trait]
 impl ProgressStore for KafkaProgress {
-    async fn commit(&self, offsets: Vec<(i32, i64)>) -> Result<(), String> {
+    async fn commit(&self, offsets: Vec<(i32, i64)>) -> Result<(), ProgressError> {
         let mut tpl = TopicPartitionList::new();
         for (p, o) in &offsets {
             tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o))
-                .map_err(|e| e.to_string())?;
+                .map_err(ProgressError::new)?;
         }
         let consumer = self.consumer.clone();
         tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(ProgressError::new)?
+            .map_err(ProgressError::new)
     }
 }

@@ -1,0 +1,164 @@
+//! The producer's ingest HTTP adapter: `POST /v1/events` and `POST /v1/topics/{topic}/events`
+//! take one event object or a JSON array of them. It reads and checks the request, hands the
+//! events to `service::ingest` (every event validated before anything is published), and
+//! answers after the broker's acknowledgement of every event, with a status that says what
+//! the client can do. Requests are counted by matched route and status.
+
+mod request;
+mod response;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+
+use crate::config::Config;
+use crate::model::Envelope;
+use crate::observability::{Metrics, Readiness};
+use crate::service::ingest::{publish_batch, validate_batch, Ledger};
+use crate::service::Publisher;
+use response::{batch_answer, error, ApiError};
+
+/// Ingest API settings.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Topic of `POST /v1/events`.
+    pub default_topic: String,
+    /// Topics `POST /v1/topics/{topic}/events` accepts.
+    pub allowed_topics: Vec<String>,
+    /// Largest body, bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Most events in one request.
+    pub max_batch_events: usize,
+    /// Deadline for the body to arrive (408 after) and for the broker's acknowledgement of
+    /// every event (503 after).
+    pub request_timeout: Duration,
+}
+
+impl IngestConfig {
+    /// The settings of `config`: the producer's topics and the `HTTP_*` limits.
+    pub fn from_config(config: &Config) -> Self {
+        IngestConfig {
+            default_topic: config.producer.topic.clone(),
+            allowed_topics: config.producer.allowed_topics.clone(),
+            max_body_bytes: config.http.max_body_bytes,
+            max_batch_events: config.http.max_batch_events,
+            request_timeout: config.http.request_timeout,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct IngestState {
+    cfg: Arc<IngestConfig>,
+    publisher: Arc<dyn Publisher>,
+    readiness: Arc<Readiness>,
+    metrics: Metrics,
+    ledger: Arc<Ledger>,
+}
+
+/// The ingest router.
+pub fn router(
+    cfg: IngestConfig,
+    publisher: Arc<dyn Publisher>,
+    readiness: Arc<Readiness>,
+    metrics: Metrics,
+    ledger: Arc<Ledger>,
+) -> Router {
+    let state = IngestState {
+        cfg: Arc::new(cfg),
+        publisher,
+        readiness,
+        metrics,
+        ledger,
+    };
+    Router::new()
+        .route("/v1/events", post(post_default))
+        .route("/v1/topics/{topic}/events", post(post_topic))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route: POST /v1/events or /v1/topics/{topic}/events",
+                None,
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only POST is accepted here",
+                None,
+            )
+        })
+        .with_state(state)
+}
+
+async fn post_default(State(s): State<IngestState>, headers: HeaderMap, body: Body) -> Response {
+    let topic = s.cfg.default_topic.clone();
+    let resp = ingest(&s, &topic, &headers, body).await;
+    s.metrics
+        .http_requests
+        .with_label_values(&["/v1/events", resp.status().as_str()])
+        .inc();
+    resp
+}
+
+async fn post_topic(
+    State(s): State<IngestState>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let resp = if s.cfg.allowed_topics.contains(&topic) {
+        ingest(&s, &topic, &headers, body).await
+    } else {
+        error(
+            StatusCode::NOT_FOUND,
+            &format!("topic `{topic}` is not in KAFKA_PRODUCER_ALLOWED_TOPICS"),
+            None,
+        )
+        .into_response()
+    };
+    s.metrics
+        .http_requests
+        .with_label_values(&["/v1/topics/{topic}/events", resp.status().as_str()])
+        .inc();
+    resp
+}
+
+async fn ingest(s: &IngestState, topic: &str, headers: &HeaderMap, body: Body) -> Response {
+    let envelopes = match accept(s, headers, body).await {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let deadline = s.cfg.request_timeout;
+    let results = publish_batch(&s.publisher, topic, &envelopes, deadline, &s.ledger).await;
+    batch_answer(topic, &envelopes, &results)
+}
+
+/// Everything before publishing: the content type, the body within its size and deadline,
+/// valid events, and a reachable broker.
+async fn accept(
+    s: &IngestState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Vec<Envelope>, ApiError> {
+    request::require_json(headers)?;
+    let bytes =
+        request::read_body(headers, body, s.cfg.max_body_bytes, s.cfg.request_timeout).await?;
+    let value = request::parse_json(&bytes)?;
+    let envelopes = validate_batch(value, s.cfg.max_batch_events)?;
+    if let Err(reason) = s.readiness.check() {
+        return Err(response::unavailable(
+            &format!("the broker is unavailable: {reason}"),
+            None,
+        ));
+    }
+    Ok(envelopes)
+}

@@ -1,0 +1,114 @@
+//! Ingest answers: an error is a status with a JSON body `{"error": ..., "details": ...}`
+//! (503s carry `Retry-After: 1`); a published batch answers with one result per event.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::model::{Ack, Envelope};
+use crate::service::ingest::{BatchError, BatchOutcome};
+use crate::service::PublishError;
+
+/// An error answer: status and a JSON body `{"error": ..., "details": ...}`.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Option<Value>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.message});
+        if let Some(d) = self.details {
+            body["details"] = d;
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// An error answer with `status`.
+pub(super) fn error(status: StatusCode, message: &str, details: Option<Value>) -> ApiError {
+    ApiError {
+        status,
+        message: message.to_owned(),
+        details,
+    }
+}
+
+/// A 503: the client may retry (`Retry-After: 1`).
+pub(super) fn unavailable(message: &str, details: Option<Value>) -> ApiError {
+    error(StatusCode::SERVICE_UNAVAILABLE, message, details)
+}
+
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        let message = e.to_string();
+        match e {
+            BatchError::TooMany { .. } => error(StatusCode::PAYLOAD_TOO_LARGE, &message, None),
+            BatchError::Empty | BatchError::NotEvents => {
+                error(StatusCode::BAD_REQUEST, &message, None)
+            }
+            BatchError::Invalid(invalid) => {
+                let details = invalid
+                    .iter()
+                    .map(|i| json!({"index": i.index, "error": i.error.to_string()}))
+                    .collect();
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &message,
+                    Some(Value::Array(details)),
+                )
+            }
+        }
+    }
+}
+
+/// The answer to a published batch: 200 with every event's partition and offset, or the
+/// status of its [`BatchOutcome`] with one result per event (published or why not).
+pub(super) fn batch_answer(
+    topic: &str,
+    envelopes: &[Envelope],
+    results: &[Result<Ack, PublishError>],
+) -> Response {
+    let out: Vec<Value> = envelopes
+        .iter()
+        .zip(results)
+        .map(|(env, res)| match res {
+            Ok(ack) => json!({"id": env.id, "topic": topic, "partition": ack.partition, "offset": ack.offset}),
+            Err(e) => json!({"id": env.id, "topic": topic, "error": e.message, "reason": e.kind.label()}),
+        })
+        .collect();
+    let outcome = BatchOutcome::of(results);
+    if outcome == BatchOutcome::Published {
+        return (StatusCode::OK, Json(json!({"results": out}))).into_response();
+    }
+    let total = out.len();
+    let details = Some(Value::Array(out));
+    match outcome {
+        BatchOutcome::Published => unreachable!("answered above"),
+        BatchOutcome::UnknownPartition => error(
+            StatusCode::BAD_REQUEST,
+            "an event names a partition the topic does not have; see results",
+            details,
+        )
+        .into_response(),
+        BatchOutcome::TooLarge => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "the broker refused an event as too large; see results",
+            details,
+        )
+        .into_response(),
+        BatchOutcome::NotPublished { failed } => unavailable(
+            &format!("{failed} of {total} events were not published; see results (events without an error were published)"),
+            details,
+        )
+        .into_response(),
+    }
+}
