@@ -295,7 +295,11 @@ impl Fleet<'_> {
             .env("HEALTH_PROBE_INTERVAL_MS", "500")
             .env("OPS_ADDR", format!("127.0.0.1:{ops_port}"))
             .env("LOG_FORMAT", "pretty")
-            .env("LOG_LEVEL", "info")
+            .env(
+                "LOG_LEVEL",
+                std::env::var("COURIER_FLEET_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(std::env::var("COURIER_FLEET_RDKAFKA_DEBUG").map(|d| ("RDKAFKA_DEBUG", d)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap())
             .spawn()

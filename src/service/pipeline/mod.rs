@@ -373,6 +373,7 @@ impl State {
         let now = now_ms();
         for p in self.parts.values_mut() {
             if p.waiting_until.is_some_and(|d| d <= now) {
+                tracing::debug!(partition = %p.tp, generation = p.generation, offset = ?p.waiting_at, "A waiting retry is due: the partition resumes.");
                 p.waiting_until = None;
                 p.waiting_at = None;
                 self.pause_dirty = true;
@@ -392,6 +393,7 @@ impl State {
         for (tp, p) in self.parts.iter_mut().filter(|(_, p)| !p.revoking) {
             let want = p.wants_pause(pipeline_wide);
             if want != p.paused {
+                tracing::debug!(partition = %tp, generation = p.generation, pause = want, "Pausing or resuming a partition.");
                 if want {
                     self.control.pause(tp, p.generation);
                 } else {

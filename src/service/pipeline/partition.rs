@@ -95,6 +95,7 @@ impl Part {
             // A delivery after the seek while the partition waits: librdkafka counted it
             // as consumed, so seek back again or the resume would skip it.
             self.fetch_epoch = control.seek(&self.tp, self.generation, offset);
+            tracing::debug!(partition = %self.tp, generation = self.generation, offset, got = d.offset, epoch = self.fetch_epoch, "A delivery while waiting: seeking back again.");
             return Admit::Drop;
         }
         if self.level == 0 {
@@ -128,6 +129,7 @@ impl Part {
             }
             Some(due) if due > rules.now_ms => {
                 self.fetch_epoch = control.seek(&self.tp, self.generation, d.offset);
+                tracing::debug!(partition = %self.tp, generation = self.generation, offset = d.offset, due_in_ms = due - rules.now_ms, epoch = self.fetch_epoch, "A retry is not due yet: the partition waits.");
                 self.waiting_until = Some(due);
                 self.waiting_at = Some(d.offset);
                 Admit::Wait

@@ -211,6 +211,14 @@ fn poll_batch(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> Delive
                     .lock()
                     .get(&Tp::new(m.topic(), m.partition()))
                     .map(|a| a.fetch_epoch);
+                if epoch.is_none() {
+                    tracing::debug!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "Dropped a message of a partition that is not assigned."
+                    );
+                }
                 if let Some(epoch) = epoch {
                     let d = to_delivery(&m);
                     bytes += d.size_bytes();

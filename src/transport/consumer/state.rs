@@ -219,7 +219,12 @@ pub(super) fn apply_commands(
             } else {
                 resume.push(tp)
             }
+        } else {
+            tracing::debug!(partition = %tp, generation = g, pause = p, "Dropped a pause/resume request of an assignment that is gone.");
         }
+    }
+    if !pause.is_empty() || !resume.is_empty() || !cmds.seek.is_empty() {
+        tracing::debug!(pause = ?names(&pause), resume = ?names(&resume), seek = ?cmds.seek.iter().map(|(tp, (g, o, e))| format!("{tp}@{o} g{g} e{e}")).collect::<Vec<_>>(), "Applying fetch requests.");
     }
     if !pause.is_empty() {
         if let Err(e) = consumer.pause(&partition_list(&pause)) {

@@ -1,0 +1,143 @@
+//! The ingest event envelope (DESIGN.md, "Event envelope"): validated once at ingest, and
+//! published as JSON with its `id` in the `message-id` header.
+
+use serde_json::{Map, Value};
+
+use super::{OutgoingRecord, HEADER_MESSAGE_ID};
+
+/// Why an ingest envelope was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// The event is not a JSON object.
+    #[error("an event must be a JSON object")]
+    NotAnObject,
+    /// `type` is missing.
+    #[error("field `type` is required")]
+    MissingType,
+    /// A field has the wrong JSON type or an invalid value.
+    #[error("field `{field}` {problem}")]
+    InvalidField {
+        /// Field name.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+}
+
+/// Longest accepted `id`, `type` or `key`, in bytes.
+pub const MAX_ENVELOPE_FIELD_BYTES: usize = 256;
+
+/// A validated ingest event: the published JSON value and where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The event id (`message-id` header).
+    pub id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The partition key (its `key`, else its id).
+    pub key: String,
+    /// Explicit partition, if the event named one.
+    pub partition: Option<i32>,
+    /// The full envelope object as published (with `id` filled in).
+    pub body: Map<String, Value>,
+}
+
+impl Envelope {
+    /// Validates one event of an ingest request. Fills in a UUIDv7 `id` when absent.
+    ///
+    /// # Errors
+    /// [`EnvelopeError`] naming the field that is missing or wrong.
+    pub fn from_value(value: Value) -> Result<Self, EnvelopeError> {
+        let Value::Object(mut body) = value else {
+            return Err(EnvelopeError::NotAnObject);
+        };
+        let event_type = short_string(&body, "type", false)?.ok_or(EnvelopeError::MissingType)?;
+        let id = match short_string(&body, "id", false)? {
+            Some(id) => id,
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                body.insert("id".into(), Value::String(id.clone()));
+                id
+            }
+        };
+        // An empty key is a key: it is kept, not replaced by the id.
+        let key = short_string(&body, "key", true)?.unwrap_or_else(|| id.clone());
+        if body
+            .get("source")
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            return Err(invalid("source", "must be a string"));
+        }
+        for field in ["time", "timestamp"] {
+            check_time(&body, field)?;
+        }
+        let partition = partition(&body)?;
+        Ok(Envelope {
+            id,
+            event_type,
+            key,
+            partition,
+            body,
+        })
+    }
+
+    /// The record that publishes this event to `topic`.
+    pub fn to_record(&self, topic: &str) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: topic.to_owned(),
+            partition: self.partition,
+            key: Some(self.key.clone().into_bytes()),
+            // Serializing a Map of Values cannot fail.
+            payload: Some(serde_json::to_vec(&self.body).unwrap_or_default()),
+            headers: vec![(HEADER_MESSAGE_ID.into(), Some(self.id.clone().into_bytes()))],
+        }
+    }
+}
+
+/// The string `field` of an envelope, at most [`MAX_ENVELOPE_FIELD_BYTES`] long (and not
+/// empty unless `empty_ok`); `None` when absent or null.
+fn short_string(
+    body: &Map<String, Value>,
+    field: &'static str,
+    empty_ok: bool,
+) -> Result<Option<String>, EnvelopeError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() && !empty_ok => Err(invalid(field, "is empty")),
+        Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
+            Err(invalid(field, "is longer than 256 bytes"))
+        }
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(invalid(field, "must be a string")),
+    }
+}
+
+/// `field` (`time` or `timestamp`), when present, is an RFC 3339 date-time string.
+fn check_time(body: &Map<String, Value>, field: &'static str) -> Result<(), EnvelopeError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) => {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map(drop)
+                .map_err(|_| invalid(field, "must be an RFC 3339 date-time"))
+        }
+        Some(_) => Err(invalid(field, "must be an RFC 3339 date-time string")),
+    }
+}
+
+/// The explicit `partition` of an envelope, a non-negative `i32`, if it names one.
+fn partition(body: &Map<String, Value>) -> Result<Option<i32>, EnvelopeError> {
+    let refused = || invalid("partition", "must be a non-negative integer");
+    match body.get("partition") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(p) if (0..=i64::from(i32::MAX)).contains(&p) => Ok(Some(p as i32)),
+            _ => Err(refused()),
+        },
+        Some(_) => Err(refused()),
+    }
+}
+
+pub(super) fn invalid(field: &'static str, problem: &'static str) -> EnvelopeError {
+    EnvelopeError::InvalidField { field, problem }
+}

@@ -1,0 +1,183 @@
+//! Revokes and reassignments: queued work never starts after a revoke, late answers never
+//! touch a new assignment, and every request names its generation.
+
+use super::*;
+
+/// One lane (one key) holds a blocked message of partition A, then a queued message of B.
+/// B is revoked: its queued message is never started, the revoke does not wait for A's, and
+/// its commit point stays at the queued message for the next owner.
+#[tokio::test]
+async fn work_queued_for_a_revoked_partition_is_never_started() {
+    let gate = Arc::new(Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    let mut c = cfg();
+    c.workers = 1;
+    let h = Harness::start(c, ctx(script.clone(), publisher(&Default::default())));
+    let (a, b) = (Tp::new("ev-a", 0), Tp::new("ev-b", 0));
+    h.assign(&a, 1).await;
+    h.assign(&b, 2).await;
+    h.deliver(vec![
+        (delivery("ev-b", 0, "k", b"{}", vec![]), 2),
+        (delivery("ev-a", 0, "k", b"block", vec![]), 1),
+        (delivery("ev-b", 1, "k", b"{}", vec![]), 2),
+    ])
+    .await;
+    until("A's message is running", || {
+        script.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let rx = h.revoke(&b, false).await;
+    assert_eq!(
+        answer(&rx).await,
+        vec![(b.clone(), 1)],
+        "offset 0 finished; offset 1 queued, not started, left for the next owner"
+    );
+    gate.add_permits(1);
+    until("A's message finished", || {
+        script.running.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    let (summary, calls) = h.stop().await;
+    assert_eq!(
+        *script.calls.lock(),
+        vec![("ev-b".to_string(), 0), ("ev-a".to_string(), 0)],
+        "B's queued message never reached the processor"
+    );
+    assert_eq!(summary[&b].abandoned, 1);
+    assert_eq!(calls.lock().closed, Some(vec![(a, 1, 1)]));
+}
+
+/// The revoke of generation 1 is still draining when the partition is assigned again as
+/// generation 2. The late answer must not remove generation 2, whose messages flow and are
+/// committed under generation 2; nothing about generation 1 reaches the driver after it.
+#[tokio::test]
+async fn a_late_revoke_answer_never_touches_a_new_assignment() {
+    let gate = Arc::new(Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    let mut c = cfg();
+    c.workers = 8;
+    let h = Harness::start(c, ctx(script.clone(), publisher(&Default::default())));
+    // A key on another lane than "k", so generation 2 is not queued behind the blocked one.
+    let mut rr = 0;
+    let other = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            lanes::lane_of(Some(k.as_bytes()), 8, &mut rr) != lanes::lane_of(Some(b"k"), 8, &mut rr)
+        })
+        .expect("some key hashes elsewhere");
+    let tp = Tp::new("ev", 0);
+    h.assign(&tp, 1).await;
+    h.deliver(vec![(delivery("ev", 0, "k", b"block", vec![]), 1)])
+        .await;
+    until("generation 1's message is running", || {
+        script.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let rx = h.revoke(&tp, false).await;
+    h.assign(&tp, 2).await;
+    let before = h.calls.lock().commits.len();
+    h.deliver(vec![(delivery("ev", 0, &other, b"{}", vec![]), 2)])
+        .await;
+    until("generation 2 commits", || {
+        h.calls.lock().commits.contains(&(tp.clone(), 2, 1))
+    })
+    .await;
+    gate.add_permits(1);
+    assert_eq!(
+        answer(&rx).await,
+        vec![],
+        "generation 1 is gone: nothing to commit"
+    );
+    h.deliver(vec![(delivery("ev", 1, &other, b"{}", vec![]), 2)])
+        .await;
+    until("generation 2 still flows after the late answer", || {
+        h.calls.lock().commits.contains(&(tp.clone(), 2, 2))
+    })
+    .await;
+    let (_, calls) = h.stop().await;
+    let c = calls.lock();
+    assert!(
+        c.commits[before..].iter().all(|(_, g, _)| *g == 2),
+        "no commit names generation 1 after its revoke: {:?}",
+        c.commits
+    );
+    assert_eq!(c.closed, Some(vec![(tp.clone(), 2, 2)]));
+}
+
+#[tokio::test]
+async fn a_lost_assignment_is_answered_at_once_with_nothing_to_commit() {
+    let gate = Arc::new(Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let tp = Tp::new("ev", 0);
+    h.assign(&tp, 1).await;
+    h.deliver(vec![
+        (delivery("ev", 0, "k", b"{}", vec![]), 1),
+        (delivery("ev", 1, "k", b"block", vec![]), 1),
+    ])
+    .await;
+    until("offset 1 is running", || {
+        script.running.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let rx = h.revoke(&tp, true).await;
+    assert_eq!(answer(&rx).await, vec![]);
+    gate.add_permits(1);
+    let (_, calls) = h.stop().await;
+    assert_eq!(calls.lock().closed, Some(vec![]));
+}
+
+/// Every request names the generation it is about, so the driver can drop those about an
+/// assignment that is gone: a partition assigned again starts unpaused under its new
+/// generation, even if the old one was waiting for a retry.
+#[tokio::test]
+async fn requests_name_the_generation_they_are_about() {
+    let script = Arc::new(Script::default());
+    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let tp = Tp::new("ev-retry-1", 0);
+    h.assign(&tp, 1).await;
+    let later = (now_ms() + 60_000).to_string().into_bytes();
+    h.deliver(vec![(
+        delivery(
+            "ev-retry-1",
+            0,
+            "k",
+            b"{}",
+            vec![(HEADER_DUE_AT_MS.into(), Some(later))],
+        ),
+        1,
+    )])
+    .await;
+    until("generation 1 paused", || {
+        h.calls.lock().pauses.contains(&(tp.clone(), 1))
+    })
+    .await;
+    let rx = h.revoke(&tp, false).await;
+    assert_eq!(
+        answer(&rx).await,
+        vec![],
+        "nothing started, nothing to commit"
+    );
+    h.assign(&tp, 2).await;
+    h.deliver(vec![(delivery("ev-retry-1", 0, "k", b"{}", vec![]), 2)])
+        .await;
+    until("processed under generation 2", || {
+        h.calls.lock().commits.contains(&(tp.clone(), 2, 1))
+    })
+    .await;
+    assert!(
+        !h.calls.lock().pauses.contains(&(tp.clone(), 2)),
+        "the new assignment is not paused"
+    );
+    let (_, calls) = h.stop().await;
+    assert_eq!(calls.lock().seeks, vec![(tp.clone(), 1, 0)]);
+}
