@@ -293,6 +293,7 @@ async fn the_demo_accounts_for_every_message_id_and_shows_every_path() {
             permanent_share: 0.1,
         },
         duplicate_share: 0.1,
+        outage: None,
         progress: ProgressStyle::Lines {
             every: Duration::from_secs(1),
             clear_line: false,

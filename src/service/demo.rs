@@ -8,7 +8,10 @@
 //! got is read from the message's own `courier-attempt` header rather than from memory in
 //! this process.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 use async_trait::async_trait;
 
@@ -132,6 +135,8 @@ pub struct ProcessorCounts {
     pub fatal: AtomicU64,
     /// Retryable failures of messages that never succeed.
     pub exhausting_failures: AtomicU64,
+    /// Calls refused because the endpoint was down (`courier demo --outage`).
+    pub outage_refusals: AtomicU64,
 }
 
 /// The processor of `courier demo`: fails a configured share of messages, deterministically
@@ -141,6 +146,12 @@ pub struct DemoProcessor {
     plan: FailurePlan,
     retry_max: u32,
     counts: ProcessorCounts,
+    /// While set, every call fails as an unreachable endpoint would (`--outage`).
+    down: AtomicBool,
+    /// Ids whose last call was refused by the outage: once every message is finished, the
+    /// ones left were routed on because of it (to the DLQ: the retry chain would have
+    /// called them again).
+    refused_last: Mutex<HashSet<Vec<u8>>>,
 }
 
 impl DemoProcessor {
@@ -153,7 +164,25 @@ impl DemoProcessor {
             plan,
             retry_max,
             counts: ProcessorCounts::default(),
+            down: AtomicBool::new(false),
+            refused_last: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Takes the demo's endpoint down or brings it back (`courier demo --outage`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Whether the endpoint is down.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// Messages whose last call the outage refused: after a complete drain, those the
+    /// outage sent on (none while the circuit breaker holds them).
+    pub fn routed_by_outage(&self) -> u64 {
+        self.refused_last.lock().len() as u64
     }
 
     /// The live counts.
@@ -214,6 +243,19 @@ impl DemoProcessor {
 impl Processor for DemoProcessor {
     async fn process(&self, delivery: &Delivery) -> Result<(), ProcessError> {
         self.counts.calls.fetch_add(1, Ordering::Relaxed);
+        let id = delivery
+            .message_id()
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec();
+        if self.down.load(Ordering::SeqCst) {
+            self.counts.outage_refusals.fetch_add(1, Ordering::Relaxed);
+            self.refused_last.lock().insert(id);
+            return Err(ProcessError::unreachable(
+                "demo: the endpoint is down (--outage); connection refused",
+            ));
+        }
+        self.refused_last.lock().remove(&id);
         let result = self.decide(delivery);
         if result.is_ok() {
             self.counts.ok.fetch_add(1, Ordering::Relaxed);

@@ -27,8 +27,8 @@ use crate::config::{parse_duration, Config, LogFormat};
 use crate::service::demo::FailurePlan;
 
 pub use progress::ProgressStyle;
-pub use session::{DemoOptions, OptionsError};
-pub use summary::{DemoSummary, DrainEnd};
+pub use session::{DemoOptions, OptionsError, Outage};
+pub use summary::{DemoSummary, DrainEnd, OutageSummary};
 
 /// `courier demo` arguments.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,6 +49,14 @@ pub struct DemoArgs {
     /// Share of events the generator re-sends with an earlier event's id, to show dedupe.
     #[arg(long, value_name = "F", default_value_t = 0.05, value_parser = parse_share)]
     pub duplicate_share: f64,
+    /// Take the processor's endpoint down for this long mid-run (e.g. 10s): the circuit
+    /// breaker opens, holds the failing messages and pauses fetching; nothing is
+    /// dead-lettered because of the outage.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub outage: Option<Duration>,
+    /// When the --outage starts, after the demo starts.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub outage_after: Duration,
 }
 
 /// `--*-share`: clap names the flag in its error, so the message says only what is accepted.
@@ -101,6 +109,10 @@ pub async fn run(
             permanent_share: args.permanent_share,
         },
         duplicate_share: args.duplicate_share,
+        outage: args.outage.map(|length| Outage {
+            after: args.outage_after,
+            length,
+        }),
         progress: terminal_progress_style(),
         stop_draining: CancellationToken::new(),
     };

@@ -41,6 +41,8 @@ pub(crate) struct LiveCounts {
     pub(crate) retried: Vec<u64>,
     /// `courier_consumer_lag` summed over every partition.
     pub(crate) lag: i64,
+    /// `courier_circuit_state`: 0 closed, 1 open, 2 half-open.
+    pub(crate) circuit: i64,
 }
 
 impl LiveCounts {
@@ -70,6 +72,7 @@ impl LiveCounts {
                         _ => {}
                     },
                     "courier_consumer_lag" => c.lag += m.get_gauge().get_value() as i64,
+                    "courier_circuit_state" => c.circuit = m.get_gauge().get_value() as i64,
                     _ => {}
                 }
             }
@@ -101,8 +104,13 @@ impl LiveCounts {
     /// One progress line, within about 80 columns for four-digit counts.
     pub(crate) fn line(&self, elapsed: Duration) -> String {
         let retried: Vec<String> = self.retried.iter().map(u64::to_string).collect();
+        let circuit = match self.circuit {
+            1 => "OPEN",
+            2 => "half-open",
+            _ => "closed",
+        };
         format!(
-            "{:>6.1}s produced {} ok {} retried {} dlq {} dup {} pending {} lag {}",
+            "{:>6.1}s produced {} ok {} retried {} dlq {} dup {} pending {} lag {} circuit {circuit}",
             elapsed.as_secs_f64(),
             self.produced,
             self.ok,

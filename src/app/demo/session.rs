@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::banner::{banner, Endpoints};
 use super::progress::{LiveCounts, Progress, ProgressStyle};
 use super::setup::{demo_configs, url_addr, DemoTopics};
-use super::summary::{DemoSummary, DrainEnd};
+use super::summary::{DemoSummary, DrainEnd, OutageSummary};
 use crate::app::consumer::{self, ConsumerOptions, RunningConsumer};
 use crate::app::producer::{self, ProducerOptions, RunningProducer};
 use crate::config::Config;
@@ -38,6 +38,8 @@ pub struct DemoOptions {
     pub failures: FailurePlan,
     /// Share of generated events that re-use an earlier event's id.
     pub duplicate_share: f64,
+    /// An outage of the processor's endpoint mid-run (`--outage`).
+    pub outage: Option<Outage>,
     /// How progress is shown.
     pub progress: ProgressStyle,
     /// Cancelled to stop waiting for the drain after `shutdown` ended the run (the CLI
@@ -56,6 +58,7 @@ impl Default for DemoOptions {
                 permanent_share: 0.05,
             },
             duplicate_share: 0.05,
+            outage: None,
             progress: ProgressStyle::Lines {
                 every: Duration::from_secs(5),
                 clear_line: false,
@@ -78,6 +81,15 @@ impl DemoOptions {
         self.failures.validate()?;
         Ok(check_share("--duplicate-share", self.duplicate_share)?)
     }
+}
+
+/// `--outage`: the demo processor's endpoint is down from `after` for `length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outage {
+    /// After the demo starts.
+    pub after: Duration,
+    /// How long.
+    pub length: Duration,
 }
 
 /// A demo option the demo cannot run with, naming its command-line flag.
@@ -137,7 +149,7 @@ pub async fn run(
     };
     let drain = demo.drain(&mut out, &mut progress, &stop_waiting).await;
     progress.end_line(&mut out);
-    let summary = demo.finish(ran_for, drain).await?;
+    let summary = demo.finish(ran_for, drain, opts.outage).await?;
     summary.write_table(&mut out, &demo.topics)?;
     out.flush()?;
     drop(demo);
@@ -248,6 +260,16 @@ impl Demo {
         let metrics = Metrics::new();
         let topics = DemoTopics::from_config(&consumer_cfg);
         let processor = Arc::new(DemoProcessor::new(opts.failures, topics.retry_max));
+        if let Some(o) = opts.outage {
+            // Its own task: the outage ends on time even if the run's duration ends first.
+            let p = processor.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(o.after).await;
+                p.set_down(true);
+                tokio::time::sleep(o.length).await;
+                p.set_down(false);
+            });
+        }
         let consumer_stop = CancellationToken::new();
         let producer_stop = CancellationToken::new();
         let consumer_opts = ConsumerOptions {
@@ -300,6 +322,21 @@ impl Demo {
         }
     }
 
+    /// Says so when the `--outage` started or ended since the last look.
+    fn note_outage(&self, out: &mut impl Write, progress: &mut Progress, was_down: &mut bool) {
+        let down = self.processor.is_down();
+        if down == *was_down {
+            return;
+        }
+        *was_down = down;
+        progress.end_line(out);
+        let _ = if down {
+            writeln!(out, "The processor's endpoint is down (--outage): the circuit opens, holds the failing messages and pauses fetching.")
+        } else {
+            writeln!(out, "The processor's endpoint is back: the circuit's next probe succeeds and the held messages go out again.")
+        };
+    }
+
     /// Reports progress until `shutdown` or the end of `opts.duration`.
     ///
     /// # Errors
@@ -312,6 +349,7 @@ impl Demo {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<StopReason> {
         let deadline = opts.duration.map(|d| Instant::now() + d);
+        let mut was_down = false;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
@@ -321,6 +359,7 @@ impl Demo {
                 }
                 _ = tick.tick() => {}
             }
+            self.note_outage(out, progress, &mut was_down);
             if self.consumer.done.is_finished() || self.producer.done.is_finished() {
                 anyhow::bail!("the demo's consumer or producer stopped by itself; see the log");
             }
@@ -388,7 +427,12 @@ impl Demo {
     }
 
     /// Stops the consumer cleanly and turns its per-partition summary into the demo's.
-    async fn finish(&mut self, ran_for: Duration, drain: Drain) -> anyhow::Result<DemoSummary> {
+    async fn finish(
+        &mut self,
+        ran_for: Duration,
+        drain: Drain,
+        outage: Option<Outage>,
+    ) -> anyhow::Result<DemoSummary> {
         let produced = self.counts().produced;
         self.consumer_stop.cancel();
         let per_partition = (&mut self.consumer.done).await?;
@@ -411,6 +455,16 @@ impl Demo {
             drain: drain.end,
             metrics_url: self.metrics_url(),
             ingest_addr: self.producer.http_addr,
+            outage: outage.map(|o| OutageSummary {
+                length: o.length,
+                refused_calls: calls.outage_refusals.load(Relaxed),
+                circuit_opened: self
+                    .metrics
+                    .circuit_transitions
+                    .with_label_values(&["open"])
+                    .get(),
+                dead_lettered: self.processor.routed_by_outage(),
+            }),
         };
         s.add_partitions(&per_partition, &self.topics);
         Ok(s)

@@ -67,12 +67,29 @@ pub struct DemoSummary {
     pub metrics_url: String,
     /// The ingest API's address.
     pub ingest_addr: SocketAddr,
+    /// What the `--outage` did, when there was one.
+    pub outage: Option<OutageSummary>,
+}
+
+/// What an endpoint outage (`courier demo --outage`) did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutageSummary {
+    /// How long the endpoint was down.
+    pub length: Duration,
+    /// Calls it refused.
+    pub refused_calls: u64,
+    /// Times the circuit opened.
+    pub circuit_opened: u64,
+    /// Messages the outage sent on to a retry topic and, in the end, the DLQ (0 while the
+    /// circuit breaker is on).
+    pub dead_lettered: u64,
 }
 
 impl DemoSummary {
     /// Whether every produced message is accounted for exactly once: ok, duplicate or DLQ.
     pub fn adds_up(&self) -> bool {
         self.produced == self.ok + self.duplicates + self.dead_lettered
+            && self.outage.as_ref().is_none_or(|o| o.dead_lettered == 0)
     }
 
     /// The accounting as one line, ending in ✓ when it adds up and ✗ (with why) when not.
@@ -81,8 +98,18 @@ impl DemoSummary {
             "ok {} + duplicates {} + dead-lettered {}",
             self.ok, self.duplicates, self.dead_lettered
         );
+        let outage = match &self.outage {
+            Some(o) if o.dead_lettered > 0 => {
+                return format!(
+                    "produced {} = {sum}, but {} dead-lettered because of the outage ✗",
+                    self.produced, o.dead_lettered
+                )
+            }
+            Some(_) => ", 0 dead-lettered because of the outage",
+            None => "",
+        };
         if self.adds_up() {
-            return format!("produced {} = {sum} ✓", self.produced);
+            return format!("produced {} = {sum}{outage} ✓", self.produced);
         }
         let finished = self.ok + self.duplicates + self.dead_lettered;
         let why = if finished < self.produced {
@@ -157,6 +184,18 @@ impl DemoSummary {
                 self.resent_ids
             ),
         ));
+        if let Some(o) = &self.outage {
+            rows.push(row(
+                "endpoint outage",
+                o.refused_calls,
+                format!(
+                    "calls refused in {}; the circuit opened {} time(s) and held them; {} dead-lettered because of it",
+                    humantime::format_duration(o.length),
+                    o.circuit_opened,
+                    o.dead_lettered
+                ),
+            ));
+        }
         rows.push(row(
             "processor calls",
             self.processor_calls,
@@ -220,7 +259,36 @@ mod tests {
             drain,
             metrics_url: String::new(),
             ingest_addr: "127.0.0.1:8080".parse().unwrap(),
+            outage: None,
         }
+    }
+
+    #[test]
+    fn an_outage_that_dead_lettered_anything_fails_the_check() {
+        let mut s = summary(100, 90, 5, 5, DrainEnd::Complete);
+        let outage = OutageSummary {
+            length: Duration::from_secs(10),
+            refused_calls: 40,
+            circuit_opened: 1,
+            dead_lettered: 0,
+        };
+        s.outage = Some(outage.clone());
+        assert!(s.adds_up());
+        assert_eq!(
+            s.check_line(),
+            "produced 100 = ok 90 + duplicates 5 + dead-lettered 5, 0 dead-lettered because of the outage ✓"
+        );
+        s.outage = Some(OutageSummary {
+            dead_lettered: 3,
+            ..outage
+        });
+        assert!(!s.adds_up());
+        assert!(
+            s.check_line()
+                .ends_with("3 dead-lettered because of the outage ✗"),
+            "{}",
+            s.check_line()
+        );
     }
 
     #[test]

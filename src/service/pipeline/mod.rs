@@ -281,7 +281,7 @@ impl State {
         };
         let due_at_ms = match part.admit(&d, epoch, &rules, self.control.as_ref()) {
             Admit::Drop => return,
-            Admit::Wait => {
+            Admit::Wait | Admit::Reseek => {
                 self.pause_dirty = true;
                 return;
             }
@@ -366,7 +366,11 @@ impl State {
     }
 
     fn next_due(&self) -> Option<i64> {
-        self.parts.values().filter_map(|p| p.waiting_until).min()
+        self.parts
+            .values()
+            .flat_map(|p| [p.waiting_until, p.expecting.map(|e| e.check_at_ms)])
+            .flatten()
+            .min()
     }
 
     fn wake_due(&mut self) {
@@ -374,8 +378,9 @@ impl State {
         for p in self.parts.values_mut() {
             if p.waiting_until.is_some_and(|d| d <= now) {
                 tracing::debug!(partition = %p.tp, generation = p.generation, offset = ?p.waiting_at, "A waiting retry is due: the partition resumes.");
-                p.waiting_until = None;
-                p.waiting_at = None;
+                p.end_wait(now);
+                self.pause_dirty = true;
+            } else if !p.revoking && p.check_expected(now, self.control.as_ref()) {
                 self.pause_dirty = true;
             }
         }

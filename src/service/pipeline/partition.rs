@@ -32,9 +32,29 @@ pub(super) struct Part {
     pub(super) waiting_until: Option<i64>,
     /// The offset the partition was seeked back to while it waits.
     pub(super) waiting_at: Option<i64>,
+    /// After the wait: the offset the next delivery must have.
+    pub(super) expecting: Option<Expect>,
     pub(super) revoking: bool,
     pub(super) paused: bool,
     pub(super) gate: Arc<Gate>,
+}
+
+/// How long after a resume the awaited retry message must have arrived before the seek to
+/// it is repeated (doubling, a few times at most).
+const RESUME_CHECK_MS: i64 = 2_000;
+/// Repeats of the seek before the awaited message is taken to be gone (e.g. deleted by
+/// retention), and the partition goes on from where librdkafka is.
+const RESUME_CHECK_ATTEMPTS: u32 = 5;
+
+/// A resumed partition's awaited message. The seek that waited for it is repeated when a
+/// later message arrives first or none arrives in time: librdkafka can lose a seek to a
+/// partition that it pauses itself while a cooperative rebalance is scheduled, and the
+/// awaited retry would then be skipped, or never fetched when it is the partition's last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Expect {
+    pub(super) offset: i64,
+    pub(super) check_at_ms: i64,
+    pub(super) attempts: u32,
 }
 
 /// What the retry gate decided for a delivery.
@@ -44,6 +64,9 @@ pub(super) enum Admit {
     Drop,
     /// A retry message not due yet: the partition now waits for it.
     Wait,
+    /// A later message came before the awaited one: the seek was repeated (the partition is
+    /// paused by it and must be resumed).
+    Reseek,
     /// Another consumer group's retry message: finished without processing.
     Skip,
     /// To a lane, with the message's due time if it had one.
@@ -74,6 +97,7 @@ impl Part {
             offsets: PartitionOffsets::new(),
             waiting_until: None,
             waiting_at: None,
+            expecting: None,
             revoking: false,
             paused: false,
             gate: Arc::new(Gate::default()),
@@ -90,6 +114,15 @@ impl Part {
     ) -> Admit {
         if self.fetch_epoch != epoch || self.revoking {
             return Admit::Drop;
+        }
+        if let Some(e) = self.expecting {
+            if d.offset > e.offset && e.attempts < RESUME_CHECK_ATTEMPTS {
+                self.reseek(e, rules.now_ms, control);
+                return Admit::Reseek;
+            }
+            if d.offset >= e.offset {
+                self.expecting = None;
+            }
         }
         if let Some(offset) = self.waiting_at {
             // A delivery after the seek while the partition waits: librdkafka counted it
@@ -136,6 +169,55 @@ impl Part {
             }
             other => Admit::Dispatch { due_at_ms: other },
         }
+    }
+
+    /// The wait is over: resume, and watch that the awaited message comes first.
+    pub(super) fn end_wait(&mut self, now_ms: i64) {
+        if let Some(offset) = self.waiting_at.take() {
+            self.expecting = Some(Expect {
+                offset,
+                check_at_ms: now_ms.saturating_add(RESUME_CHECK_MS),
+                attempts: 0,
+            });
+        }
+        self.waiting_until = None;
+    }
+
+    /// The awaited message did not come in time: seek to it again (or, after a few tries,
+    /// take it to be gone).
+    pub(super) fn check_expected(&mut self, now_ms: i64, control: &dyn DriverControl) -> bool {
+        let Some(e) = self.expecting.filter(|e| e.check_at_ms <= now_ms) else {
+            return false;
+        };
+        if self.paused {
+            // Nothing can arrive while the partition is paused (back-pressure, an open
+            // circuit): look again later, without counting it as a try.
+            self.expecting = Some(Expect {
+                check_at_ms: now_ms.saturating_add(RESUME_CHECK_MS),
+                ..e
+            });
+            return false;
+        }
+        if e.attempts >= RESUME_CHECK_ATTEMPTS {
+            tracing::warn!(partition = %self.tp, offset = e.offset, "A retry message the partition waited for never came back after its seek; going on from where librdkafka is (was it deleted by retention?).");
+            self.expecting = None;
+            return false;
+        }
+        self.reseek(e, now_ms, control);
+        true
+    }
+
+    fn reseek(&mut self, e: Expect, now_ms: i64, control: &dyn DriverControl) {
+        self.fetch_epoch = control.seek(&self.tp, self.generation, e.offset);
+        // The seek pauses the partition in the driver; the pipeline resumes it.
+        self.paused = true;
+        let attempts = e.attempts + 1;
+        self.expecting = Some(Expect {
+            offset: e.offset,
+            check_at_ms: now_ms.saturating_add(RESUME_CHECK_MS << attempts.min(4)),
+            attempts,
+        });
+        tracing::debug!(partition = %self.tp, generation = self.generation, offset = e.offset, attempts, epoch = self.fetch_epoch, "The awaited retry message did not come first after the resume: seeking to it again.");
     }
 
     /// Whether fetching should be paused, given the pipeline-wide reasons.

@@ -181,3 +181,93 @@ async fn requests_name_the_generation_they_are_about() {
     let (_, calls) = h.stop().await;
     assert_eq!(calls.lock().seeks, vec![(tp.clone(), 1, 0)]);
 }
+
+/// A retry the partition waited for must be the first delivery after the resume. When a
+/// later one comes first (librdkafka lost the seek), the seek is repeated and the later one
+/// is not processed; the awaited one then is.
+#[tokio::test]
+async fn a_later_message_before_the_awaited_retry_repeats_the_seek() {
+    let script = Arc::new(Script::default());
+    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let tp = Tp::new("ev-retry-1", 0);
+    h.assign(&tp, 1).await;
+    let soon = (now_ms() + 100).to_string().into_bytes();
+    h.deliver(vec![(
+        delivery(
+            "ev-retry-1",
+            5,
+            "k",
+            b"{}",
+            vec![(HEADER_DUE_AT_MS.into(), Some(soon))],
+        ),
+        1,
+    )])
+    .await;
+    until("the wait's seek", || h.calls.lock().seeks.len() == 1).await;
+    until("the resume", || {
+        h.calls.lock().resumes.contains(&(tp.clone(), 1))
+    })
+    .await;
+    // The seek was lost: offset 6 arrives first under the seek's epoch (100).
+    h.deliver(vec![(delivery("ev-retry-1", 6, "k", b"{}", vec![]), 100)])
+        .await;
+    until("the seek is repeated", || h.calls.lock().seeks.len() == 2).await;
+    assert_eq!(h.calls.lock().seeks[1], (tp.clone(), 1, 5));
+    assert!(script.calls.lock().is_empty(), "offset 6 was not processed");
+    // Now the awaited message comes, then the next one.
+    h.deliver(vec![
+        (delivery("ev-retry-1", 5, "k", b"{}", vec![]), 101),
+        (delivery("ev-retry-1", 6, "k", b"{}", vec![]), 101),
+    ])
+    .await;
+    until("both processed and committed", || {
+        h.calls.lock().commits.contains(&(tp.clone(), 1, 7))
+    })
+    .await;
+    h.stop().await;
+    assert_eq!(
+        *script.calls.lock(),
+        vec![("ev-retry-1".to_string(), 5), ("ev-retry-1".to_string(), 6)]
+    );
+}
+
+/// When the awaited retry is the partition's last message and does not come back after the
+/// resume, the seek is repeated after a while.
+#[tokio::test]
+async fn an_awaited_retry_that_never_comes_is_sought_again() {
+    let script = Arc::new(Script::default());
+    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let tp = Tp::new("ev-retry-1", 0);
+    h.assign(&tp, 1).await;
+    let soon = (now_ms() + 50).to_string().into_bytes();
+    h.deliver(vec![(
+        delivery(
+            "ev-retry-1",
+            9,
+            "k",
+            b"{}",
+            vec![(HEADER_DUE_AT_MS.into(), Some(soon))],
+        ),
+        1,
+    )])
+    .await;
+    until("the resume", || {
+        h.calls.lock().resumes.contains(&(tp.clone(), 1))
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.calls.lock().seeks.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the seek is repeated within its check interval"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.calls.lock().seeks[1], (tp.clone(), 1, 9));
+    let resumes = h.calls.lock().resumes.len();
+    until("and the partition is resumed again", || {
+        h.calls.lock().resumes.len() > resumes
+    })
+    .await;
+    h.stop().await;
+}
