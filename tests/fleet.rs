@@ -657,8 +657,32 @@ async fn fleet(strategy: &'static str) {
             break (lost, dlq);
         }
         if Instant::now() > deadline {
+            let mut state = Vec::new();
+            for r in &running {
+                let mut g = Vec::new();
+                for name in [
+                    "courier_in_flight",
+                    "courier_paused_partitions",
+                    "courier_assigned_partitions",
+                    "courier_held_messages",
+                    "courier_circuit_state",
+                ] {
+                    g.push(format!("{name}={:?}", gauge(r.ops_port, name).await));
+                }
+                state.push(format!(
+                    "{} (pid {}): {}",
+                    r.name,
+                    r.guard.pid(),
+                    g.join(" ")
+                ));
+            }
+            if let Ok(secs) = std::env::var("COURIER_FLEET_HOLD_ON_FAILURE") {
+                // Keeps the processes alive for a look (gdb, curl) before failing.
+                eprintln!("FLEET stuck: {state:?}; holding {secs} s");
+                tokio::time::sleep(Duration::from_secs(secs.parse().unwrap_or(600))).await;
+            }
             panic!(
-                "{} ids never reached the sink nor the DLQ (first: {:?}); stuck partitions: {stuck:?}; logs in {}",
+                "{} ids never reached the sink nor the DLQ (first: {:?}); stuck partitions: {stuck:?}; replicas: {state:?}; logs in {}",
                 lost.len(),
                 lost.iter().take(5).collect::<Vec<_>>(),
                 dir.display()
