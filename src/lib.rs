@@ -1,5 +1,24 @@
 //! courier: Kafka producer and consumer services with retry topics, a dead-letter topic and
 //! dedupe by `message-id`. See DESIGN.md for the contract.
+//!
+//! # Layout
+//!
+//! Each layer uses only the ones below it:
+//!
+//! - [`cli`] (with `main.rs`): the command line; one [`app`] call per subcommand.
+//! - [`app`]: wiring. Every subcommand `x` is `XArgs` + `app::x::run(config, args, shutdown)`;
+//!   `consumer` and `producer` also offer `start` for tests and the demo.
+//! - `api`: the producer's ingest HTTP adapter (axum) over [`service`]'s publishing logic.
+//! - [`service`]: processing logic, free of rdkafka, axum and prometheus types: processors,
+//!   the consumer pipeline (retry gate, back-pressure, key-hash lanes, offsets, rebalances),
+//!   routing to retry topics and the DLQ, dedupe, the circuit breaker and limits, ingest
+//!   validation, the generator, DLQ inspection and replay.
+//! - [`transport`]: the only code that touches rdkafka: client settings, the consumer
+//!   driver, the publisher, the health checker, admin, the DLQ reader, the dev broker.
+//! - [`observability`]: logs, metrics, message events (one type per event that logs and
+//!   counts), readiness and the ops server.
+//! - [`config`]: every setting defined once; defaults → TOML → environment.
+//! - [`model`]: the envelope, headers and owned message types every layer shares.
 
 pub(crate) mod api;
 pub mod app;

@@ -3,19 +3,19 @@
 //! logic (its HTTP adapter is `api`).
 
 pub mod builtin;
-pub mod circuit;
-pub mod dedupe;
+pub(crate) mod circuit;
+pub(crate) mod dedupe;
 pub mod demo;
 pub mod dlq;
-pub mod generator;
-pub mod ingest;
-pub mod limits;
-pub mod offsets;
+pub(crate) mod generator;
+pub(crate) mod ingest;
+pub(crate) mod limits;
+pub(crate) mod offsets;
 pub mod pipeline;
 pub mod processor;
 pub mod publish;
-pub mod source;
-pub mod worker;
+pub(crate) mod source;
+pub(crate) mod worker;
 
 pub use processor::{ProcessError, Processor};
 pub use publish::{PublishError, PublishFailure, Publisher};

@@ -3,13 +3,13 @@
 
 pub mod admin;
 pub mod consumer;
-pub mod context;
+pub(crate) mod context;
 
-pub mod dev_broker;
-pub mod dlq;
+pub(crate) mod dev_broker;
+pub(crate) mod dlq;
 pub mod headers;
-pub mod health;
-pub mod publisher;
+pub(crate) mod health;
+pub(crate) mod publisher;
 pub mod settings;
 
 pub use admin::TopicAdmin;
