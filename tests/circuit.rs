@@ -155,85 +155,158 @@ fn opened(running: &RunningConsumer) -> u64 {
         .get()
 }
 
-/// Issue 10's scenario: 20 events/s, 5% of the ids fail twice on their own, and the endpoint
-/// answers 503 to everything for 20 s mid-stream, with a 1 s/2 s/3 s back-off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_of_20s_sends_nothing_to_the_dlq_and_every_message_arrives_after_it() {
+/// The distinct message ids in the DLQ.
+fn dlq_ids(k: &TestKafka) -> HashSet<String> {
+    k.read_all(&k.dlq, 0, Duration::from_millis(500))
+        .iter()
+        .filter_map(|d| d.message_id().map(str::to_owned))
+        .collect()
+}
+
+/// What one run of the outage scenario measured.
+struct OutageRun {
+    events: usize,
+    reached: usize,
+    dead_lettered: usize,
+    retry_copies_from_the_outage: usize,
+    calls_during: usize,
+    early: Vec<Seen>,
+    opened: u64,
+    ready_during: u16,
+}
+
+/// Issue 10's scenario: 20 events/s for 40 s, 5% of the ids fail twice on their own, and
+/// the endpoint answers 503 to everything from second 8 to second 28, with a 1 s/2 s/3 s
+/// back-off. `extra` adds settings (`PROCESSOR_CIRCUIT=off` for the comparison).
+async fn outage_scenario(extra: &[(&str, &str)]) -> OutageRun {
     let k = TestKafka::new(3);
     let (url, e) = endpoint().await;
-    let (running, shutdown) = consumer(&k, &url, &[]).await;
+    let (running, shutdown) = consumer(&k, &url, extra).await;
     let prefix = format!("o{}", common::rand_id());
     e.fail_twice.lock().extend(
         (0..800)
             .filter(|i| i % 20 == 3)
             .map(|i| format!("{prefix}-{i}")),
     );
+    let readyz = format!("http://{}/readyz", running.ops_addr);
     let outage = {
-        let e = e.clone();
+        let (e, readyz) = (e.clone(), readyz.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(8)).await;
             e.down.store(true, Ordering::SeqCst);
             let from = Instant::now();
-            tokio::time::sleep(Duration::from_secs(20)).await;
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            let ready = http_get(&readyz).await.0;
+            tokio::time::sleep(Duration::from_secs(5)).await;
             e.down.store(false, Ordering::SeqCst);
-            (from, Instant::now())
+            (from, Instant::now(), ready)
         })
     };
-    let readyz = format!("http://{}/readyz", running.ops_addr);
     let ids = stream(&k, &prefix, 800, 20).await;
-    let (down_from, down_to) = outage.await.unwrap();
-    assert!(opened(&running) >= 1, "the outage opened the circuit");
-    assert_eq!(
-        http_get(&readyz).await.0,
-        200,
-        "ready: the pod is healthy, the endpoint is not"
-    );
-    wait_for("every message reached the endpoint", T, || {
+    let (down_from, down_to, ready_during) = outage.await.unwrap();
+    let opened = opened(&running);
+    // Every message either reaches the endpoint or, without the breaker, the DLQ.
+    let deadline = Instant::now() + T;
+    loop {
         let ok = e.ok_ids();
-        ids.iter().all(|id| ok.contains(id))
-    })
-    .await;
+        let dead = dlq_ids(&k);
+        if ids.iter().all(|id| ok.contains(id) || dead.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for every message to reach the endpoint or the DLQ"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     wait_for("the circuit closed", T, || {
         running.metrics.circuit_state.get() == 0
     })
     .await;
     stop(running, shutdown).await;
-    let dlq = k.read_all(&k.dlq, 0, Duration::from_secs(2));
-    assert!(
-        dlq.is_empty(),
-        "nothing dead-lettered: {} records",
-        dlq.len()
-    );
-    // Retry copies beyond the ids that fail on their own: the failures before the circuit
-    // opened (at most MIN_CALLS in its window) and those already in flight then.
+    k.assert_committed_to_end(&k.source);
     let natural: HashSet<String> = e.fail_twice.lock().clone();
-    let retried: Vec<String> = (1..=3)
+    let retry_copies_from_the_outage = (1..=3)
         .flat_map(|n| k.read_all(&k.retry_topic(n), 0, Duration::from_secs(2)))
         .filter_map(|d| d.message_id().map(str::to_owned))
         .filter(|id| !natural.contains(id))
-        .collect();
-    let seen = e.seen.lock().clone();
-    let during = seen
-        .iter()
-        .filter(|s| s.at >= down_from && s.at < down_to)
         .count();
-    println!(
-        "CIRCUIT outage 20s: {} events, {} calls during the outage, {} retry copies from it, 0 dead-lettered",
-        ids.len(),
-        during,
-        retried.len()
+    let seen = e.seen.lock().clone();
+    let ok = e.ok_ids();
+    OutageRun {
+        events: ids.len(),
+        reached: ids.iter().filter(|id| ok.contains(*id)).count(),
+        dead_lettered: dlq_ids(&k).len(),
+        retry_copies_from_the_outage,
+        calls_during: seen
+            .iter()
+            .filter(|s| s.at >= down_from && s.at < down_to)
+            .count(),
+        early: seen
+            .into_iter()
+            .filter(|s| s.due_at_ms.is_some_and(|d| s.at_ms < d))
+            .collect(),
+        opened,
+        ready_during,
+    }
+}
+
+impl OutageRun {
+    fn print(&self, label: &str) {
+        println!(
+            "CIRCUIT outage 20s, {label}: {} events, {} reached the endpoint, {} dead-lettered, {} retry copies from the outage, {} calls during it, circuit opened {} time(s)",
+            self.events, self.reached, self.dead_lettered, self.retry_copies_from_the_outage, self.calls_during, self.opened
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_20s_sends_nothing_to_the_dlq_and_every_message_arrives_after_it() {
+    let run = outage_scenario(&[]).await;
+    run.print("breaker on");
+    assert!(run.opened >= 1, "the outage opened the circuit");
+    assert_eq!(
+        run.ready_during, 200,
+        "ready: the pod is healthy, the endpoint is not"
+    );
+    assert_eq!(run.dead_lettered, 0, "nothing dead-lettered");
+    assert_eq!(
+        run.reached, run.events,
+        "every message reached the endpoint"
+    );
+    // Retry copies beyond the ids that fail on their own: the failures before the circuit
+    // opened (at most MIN_CALLS in its window) and those already in flight then.
+    assert!(
+        run.retry_copies_from_the_outage <= 10 + 8,
+        "at most MIN_CALLS + workers touched a retry topic: {}",
+        run.retry_copies_from_the_outage
     );
     assert!(
-        retried.len() <= 10 + 8,
-        "at most MIN_CALLS + workers touched a retry topic: {}",
-        retried.len()
+        run.early.is_empty(),
+        "retries before their due time: {:?}",
+        run.early
     );
-    let early: Vec<&Seen> = seen
-        .iter()
-        .filter(|s| s.due_at_ms.is_some_and(|d| s.at_ms < d))
-        .collect();
-    assert!(early.is_empty(), "retries before their due time: {early:?}");
-    k.assert_committed_to_end(&k.source);
+}
+
+/// The same outage without the breaker (`PROCESSOR_CIRCUIT=off`, the behaviour before it):
+/// the retry chain burns through its levels and the DLQ fills, which is what the breaker
+/// prevents. Nothing is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_breaker_the_same_outage_fills_the_dlq() {
+    let run = outage_scenario(&[("PROCESSOR_CIRCUIT", "off")]).await;
+    run.print("breaker off");
+    assert_eq!(run.opened, 0);
+    assert!(
+        run.dead_lettered > 50,
+        "the outage dead-lettered {}",
+        run.dead_lettered
+    );
+    assert_eq!(run.reached + run.dead_lettered, run.events, "nothing lost");
+    assert!(
+        run.early.is_empty(),
+        "retries before their due time: {:?}",
+        run.early
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -257,7 +257,10 @@ fn final_commit(
     let deadline = std::time::Instant::now() + FINAL_COMMIT_PATIENCE;
     while !offsets.is_empty() {
         let err = match consumer.commit(&tpl_of(&offsets), CommitMode::Sync) {
-            Ok(()) => return,
+            Ok(()) => {
+                tracing::debug!(offsets = ?offsets, "The final commit succeeded.");
+                return;
+            }
             Err(e) => e,
         };
         let passing = matches!(

@@ -12,7 +12,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::state::{names, tpl_of, tps_of, Assigned, Shared};
+use super::state::{names, offsets_of, tpl_of, tps_of, Assigned, Shared};
 use crate::observability::{Metrics, Readiness};
 use crate::service::source::{DriverEvent, Epoch, Tp};
 use crate::transport::context::ErrorLimiter;
@@ -152,8 +152,11 @@ impl DriverContext {
         }
         match rx.recv_timeout(self.revoke_wait) {
             Ok(offsets) if !offsets.is_empty() && !lost => {
-                if let Err(e) = consumer.commit(&tpl_of(&offsets), CommitMode::Sync) {
-                    tracing::warn!(error = %e, "The commit on revoke failed; the next owner starts from the last committed offsets.");
+                match consumer.commit(&tpl_of(&offsets), CommitMode::Sync) {
+                    Ok(()) => tracing::debug!(offsets = ?offsets, "Committed on revoke."),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "The commit on revoke failed; the next owner starts from the last committed offsets.")
+                    }
                 }
             }
             Ok(_) => {}
@@ -294,7 +297,10 @@ impl ConsumerContext for DriverContext {
         // just changed) with a successful request: look at every partition.
         let failed = offsets.elements().iter().any(|e| e.error().is_err());
         match (&result, failed) {
-            (Ok(()), false) => self.metrics.commits.with_label_values(&["ok"]).inc(),
+            (Ok(()), false) => {
+                tracing::debug!(offsets = ?offsets_of(offsets), "Committed offsets.");
+                self.metrics.commits.with_label_values(&["ok"]).inc()
+            }
             _ => {
                 self.metrics.commits.with_label_values(&["error"]).inc();
                 let error = match &result {
@@ -306,7 +312,7 @@ impl ConsumerContext for DriverContext {
                         .map(|e| e.to_string())
                         .unwrap_or_default(),
                 };
-                tracing::warn!(error, "An offset commit failed (usually during a rebalance); it is tried again while this member owns the partitions.");
+                tracing::warn!(error, offsets = ?offsets_of(offsets), "An offset commit failed (usually during a rebalance); it is tried again while this member owns the partitions.");
                 self.shared.commit_failed(offsets, result.is_err());
             }
         }

@@ -125,8 +125,11 @@ impl Shared {
                 continue;
             };
             if assigned.get(&tp).is_some_and(|a| a.generation == g) {
+                tracing::debug!(partition = %tp, offset = o, "A failed commit is kept for another try.");
                 let slot = failed.retry.entry(tp).or_insert((g, o));
                 slot.1 = slot.1.max(o);
+            } else {
+                tracing::debug!(partition = %tp, offset = o, "A failed commit of an assignment that is gone is dropped.");
             }
         }
     }
@@ -173,6 +176,7 @@ pub(super) fn names(tps: &[Tp]) -> Vec<String> {
 /// `poll` serves as an offset-commit event.
 pub(super) fn commit_async(consumer: &BaseConsumer<DriverContext>, offsets: &TopicPartitionList) {
     use rdkafka::bindings as rdsys;
+    tracing::debug!(offsets = ?offsets_of(offsets), "Committing offsets.");
     let rk = consumer.client().native_ptr();
     // SAFETY: `rk` is the live client of `consumer`; the queue reference is released below
     // (librdkafka keeps its own for the reply); `offsets` is copied by librdkafka.
@@ -196,7 +200,18 @@ pub(super) fn commit_async(consumer: &BaseConsumer<DriverContext>, offsets: &Top
     }
 }
 
-pub(super) fn partition_list(tps: &[Tp]) -> TopicPartitionList {
+/// `topic/partition@offset` per element, for logs.
+pub(super) fn offsets_of(tpl: &TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => format!("{}/{}@{o}", e.topic(), e.partition()),
+            other => format!("{}/{}@{other:?}", e.topic(), e.partition()),
+        })
+        .collect()
+}
+
+fn partition_list(tps: &[Tp]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for tp in tps {
         tpl.add_partition(&tp.topic, tp.partition);
