@@ -81,7 +81,15 @@ struct State {
     summary: ConsumerSummary,
     topic_counters: HashMap<String, TopicCounters>,
     round_robin: usize,
+    /// When every commit point was last sent, moved or not (see [`REASSERT_COMMITS`]).
+    last_reassert: Instant,
 }
+
+/// How often every owned partition's commit point is committed again even though it did
+/// not move, as Kafka's own auto-commit does. A commit the broker refused during a
+/// rebalance, or a late commit of an older owner that overwrote it, is then repaired
+/// within this time instead of waiting for the partition's next message.
+pub(crate) const REASSERT_COMMITS: Duration = Duration::from_secs(5);
 
 /// Runs the pipeline until `shutdown` is cancelled (or the driver stops), then drains
 /// in-flight messages up to the shutdown timeout, commits, and closes the driver.
@@ -193,6 +201,7 @@ impl State {
             summary: ConsumerSummary::new(),
             topic_counters: HashMap::new(),
             round_robin: 0,
+            last_reassert: Instant::now(),
         }
     }
 
@@ -429,8 +438,12 @@ impl State {
 
     fn commit(&mut self) {
         let mut offsets = Vec::new();
+        let reassert = self.last_reassert.elapsed() >= REASSERT_COMMITS;
+        if reassert {
+            self.last_reassert = Instant::now();
+        }
         for (tp, p) in self.parts.iter_mut().filter(|(_, p)| !p.revoking) {
-            if p.offsets.needs_commit() {
+            if reassert || p.offsets.needs_commit() {
                 if let Some(o) = p.offsets.commit_point() {
                     p.offsets.mark_committed(o);
                     offsets.push((tp.clone(), p.generation, o));

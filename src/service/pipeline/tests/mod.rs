@@ -424,3 +424,40 @@ async fn deadlines_never_overflow() {
     let near = deadline_after(Duration::from_millis(5));
     assert!(near <= Instant::now() + Duration::from_millis(5));
 }
+
+#[tokio::test(start_paused = true)]
+async fn commit_points_are_committed_again_even_when_they_did_not_move() {
+    let script = Arc::new(Script::default());
+    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let tp = Tp::new("ev", 0);
+    h.assign(&tp, 1).await;
+    h.deliver(vec![
+        (delivery("ev", 0, "k", b"{}", vec![]), 1),
+        (delivery("ev", 1, "k", b"{}", vec![]), 1),
+    ])
+    .await;
+    let committed = |calls: &Arc<Mutex<Calls>>| {
+        calls
+            .lock()
+            .commits
+            .iter()
+            .filter(|c| **c == (tp.clone(), 1, 2))
+            .count()
+    };
+    until("offset 2 committed", || committed(&h.calls) >= 1).await;
+    let first = committed(&h.calls);
+    // Many commit intervals pass with nothing new: the point is not sent again...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        committed(&h.calls),
+        first,
+        "an unmoved point is not re-sent every interval"
+    );
+    // ...until the re-assertion period is over: a refused or overwritten commit is repaired.
+    tokio::time::sleep(REASSERT_COMMITS).await;
+    assert!(
+        committed(&h.calls) > first,
+        "the unmoved commit point was committed again after {REASSERT_COMMITS:?}"
+    );
+    h.stop().await;
+}
