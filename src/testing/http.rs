@@ -120,15 +120,21 @@ pub async fn probe(url: &str) -> u16 {
 
 /// Polls `url` until it answers 200; fails the test after `timeout` with the last status.
 pub async fn wait_ready(url: &str, timeout: Duration) {
+    wait_status(url, 200, timeout).await
+}
+
+/// Polls `url` until it answers `status` (e.g. `/readyz` 503 during an outage); fails the
+/// test after `timeout` with the last status.
+pub async fn wait_status(url: &str, status: u16, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let status = probe(url).await;
-        if status == 200 {
+        let last = probe(url).await;
+        if last == status {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{url} not 200 within {timeout:?} (last: {status}, 0 = no answer)"
+            "{url} not {status} within {timeout:?} (last: {last}, 0 = no answer)"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -158,12 +164,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
 
 /// The value of the unlabelled series `name` (a gauge such as `courier_in_flight`).
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    super::line_value(text, name, ' ')
 }
 
 #[cfg(test)]

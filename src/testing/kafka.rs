@@ -234,6 +234,22 @@ fn at_end(committed: &[i64], ends: &[i64]) -> Vec<i64> {
         .collect()
 }
 
+/// An event envelope `{"id", "type": kind, "seq"}` for `topic`, keyed `key`, with its
+/// `message-id` header.
+pub fn event_record(topic: &str, id: &str, kind: &str, seq: usize, key: String) -> OutgoingRecord {
+    OutgoingRecord {
+        topic: topic.to_owned(),
+        partition: None,
+        key: Some(key.into_bytes()),
+        payload: Some(
+            serde_json::json!({"id": id, "type": kind, "seq": seq})
+                .to_string()
+                .into_bytes(),
+        ),
+        headers: vec![(HEADER_MESSAGE_ID.into(), Some(id.as_bytes().to_vec()))],
+    }
+}
+
 /// A producer of the test's own (not courier's).
 #[derive(Clone)]
 pub struct TestProducer(FutureProducer);
@@ -366,21 +382,15 @@ impl TestKafka {
     /// `key-{i % keys}`; returns the ids.
     pub async fn produce_events(&self, prefix: &str, n: usize, keys: usize) -> Vec<String> {
         let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
-        let msgs = ids
+        let key = |i: usize| format!("key-{}", i % keys.max(1));
+        let records = ids
             .iter()
             .enumerate()
-            .map(|(i, id)| {
-                let payload = serde_json::json!({"id": id, "type": "test_event", "seq": i})
-                    .to_string()
-                    .into_bytes();
-                (
-                    Some(format!("key-{}", i % keys.max(1)).into_bytes()),
-                    payload,
-                    vec![(HEADER_MESSAGE_ID.into(), Some(id.clone().into_bytes()))],
-                )
-            })
-            .collect();
-        self.produce(&self.names.source, msgs).await;
+            .map(|(i, id)| event_record(&self.names.source, id, "test_event", i, key(i)));
+        self.kafka()
+            .producer(&[("linger.ms", "0")])
+            .send_all(records)
+            .await;
         ids
     }
 

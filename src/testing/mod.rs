@@ -33,9 +33,9 @@ use crate::model::Delivery;
 pub use env::{Names, ServiceEnv, RETRY_LEVELS};
 pub use http::{
     free_port, http_get, http_request, metric_sum, metric_value, probe, try_http_get,
-    try_http_request, wait_ready,
+    try_http_request, wait_ready, wait_status,
 };
-pub use kafka::{Kafka, TestKafka, TestMessage, TestProducer};
+pub use kafka::{event_record, Kafka, TestKafka, TestMessage, TestProducer};
 pub use process::{
     courier_bin, courier_command, output_within, tail, ChildProcess, DevBrokerProcess, Log,
     ServiceProcess,
@@ -121,8 +121,14 @@ where
 /// or `"self"`. None where there is no such file (not Linux) or field.
 pub fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    line_value(&text, field, ':')
+}
+
+/// The first word after `key` and `separator` on the first line that starts with both,
+/// parsed: `VmRSS:  1234 kB`, or `courier_in_flight 3`.
+fn line_value<T: std::str::FromStr>(text: &str, key: &str, separator: char) -> Option<T> {
     text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(separator))?
         .split_whitespace()
         .next()?
         .parse()
