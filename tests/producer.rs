@@ -71,22 +71,11 @@ async fn batches_and_allowed_topics() {
         resp["results"][1]["partition"], 1,
         "explicit partition honoured"
     );
-    let (status, _) = http_request(
-        "POST",
-        &format!("http://{}/v1/topics/{other}/events", p.http_addr),
-        JSON,
-        br#"{"type":"x"}"#,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (status, _) = http_request(
-        "POST",
-        &format!("http://{}/v1/topics/not-allowed/events", p.http_addr),
-        JSON,
-        br#"{"type":"x"}"#,
-    )
-    .await;
-    assert_eq!(status, 404);
+    for (topic, want) in [(other.as_str(), 200), ("not-allowed", 404)] {
+        let url = format!("http://{}/v1/topics/{topic}/events", p.http_addr);
+        let (status, _) = http_request("POST", &url, JSON, br#"{"type":"x"}"#).await;
+        assert_eq!(status, want, "{topic}");
+    }
     let main = k.read_all(&k.source, 3, T);
     assert_eq!(main.len(), 3);
     let ids: Vec<String> = main
