@@ -147,40 +147,47 @@ impl Kafka {
     /// The end offset (high watermark) per partition of `topic`, or None when the broker
     /// does not answer within 15 s.
     pub fn try_end_offsets(&self, topic: &str) -> Option<Vec<i64>> {
-        let w = self.watermarks(topic).ok()?;
-        Some(w.into_iter().map(|(_, high)| high).collect())
+        self.end_offsets_or_error(topic).ok()
     }
 
-    /// [`Kafka::try_end_offsets`]; fails the test when the broker does not answer.
+    /// [`Kafka::try_end_offsets`]; fails the test, with the broker's error, when there is no
+    /// answer.
     pub fn end_offsets(&self, topic: &str) -> Vec<i64> {
-        self.try_end_offsets(topic)
-            .unwrap_or_else(|| panic!("no end offsets of {topic} within {BROKER_ANSWER:?}"))
+        self.end_offsets_or_error(topic)
+            .unwrap_or_else(|e| panic!("no end offsets of {topic}: {e}"))
+    }
+
+    fn end_offsets_or_error(&self, topic: &str) -> Result<Vec<i64>, KafkaError> {
+        let w = self.watermarks(topic)?;
+        Ok(w.into_iter().map(|(_, high)| high).collect())
     }
 
     /// The committed offset of `group` per partition of `topic` (-1001: none), or None
     /// when the broker does not answer within 15 s.
     pub fn try_committed(&self, group: &str, topic: &str) -> Option<Vec<i64>> {
+        self.committed_or_error(group, topic).ok()
+    }
+
+    /// [`Kafka::try_committed`]; fails the test, with the broker's error, when there is no
+    /// answer.
+    pub fn committed(&self, group: &str, topic: &str) -> Vec<i64> {
+        self.committed_or_error(group, topic)
+            .unwrap_or_else(|e| panic!("no committed offsets of {group} on {topic}: {e}"))
+    }
+
+    fn committed_or_error(&self, group: &str, topic: &str) -> Result<Vec<i64>, KafkaError> {
         let c = self.client(Some(group));
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
             tpl.add_partition(topic, p);
         }
-        let got = c.committed_offsets(tpl, BROKER_ANSWER).ok()?;
-        Some(
-            (0..self.partitions)
-                .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o,
-                    _ => NO_OFFSET,
-                })
-                .collect(),
-        )
-    }
-
-    /// [`Kafka::try_committed`]; fails the test when the broker does not answer.
-    pub fn committed(&self, group: &str, topic: &str) -> Vec<i64> {
-        self.try_committed(group, topic).unwrap_or_else(|| {
-            panic!("no committed offsets of {group} on {topic} within {BROKER_ANSWER:?}")
-        })
+        let got = c.committed_offsets(tpl, BROKER_ANSWER)?;
+        Ok((0..self.partitions)
+            .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => NO_OFFSET,
+            })
+            .collect())
     }
 
     /// Whether `group` committed every partition of `topic` to its end (an empty partition
