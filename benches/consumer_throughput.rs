@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use common::{Row, Topics, Tracker, Usage};
+use common::{Row, Tracker, Usage};
 use courier::model::Delivery;
 use courier::service::{ProcessError, Processor};
+use courier::testing::Names;
 use courier::transport::settings::{properties, ClientRole};
 use courier::transport::DevBroker;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -76,7 +77,7 @@ async fn raw_consumer(config: &courier::config::Config, expected: u64) -> anyhow
     for (k, v) in props {
         cc.set(k, v);
     }
-    cc.set("group.id", common::unique("raw"))
+    cc.set("group.id", courier::testing::unique("raw"))
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false");
     let consumer: StreamConsumer = cc.create().context("raw consumer")?;
@@ -123,7 +124,7 @@ async fn raw_consumer(config: &courier::config::Config, expected: u64) -> anyhow
 /// flight, dedupe on, commits every second).
 async fn courier_consumer(
     bootstrap: &str,
-    topics: &Topics,
+    topics: &Names,
     extra: &[(&str, &str)],
     processor: Arc<dyn Processor>,
     tracker: &Tracker,
@@ -138,7 +139,7 @@ async fn courier_consumer(
 /// The no-op pipeline rows, one per (name, settings over courier's defaults).
 async fn pipeline_rows(
     bootstrap: &str,
-    topics: &Topics,
+    topics: &Names,
     expected: u64,
     raw_rate: f64,
     variants: &[(&str, &[(&str, &str)])],
@@ -172,7 +173,7 @@ async fn pipeline_rows(
 /// One worker-pool scaling measurement: `workers` lanes, a processor awaiting `sleep`.
 async fn scale_once(
     bootstrap: &str,
-    topics: &Topics,
+    topics: &Names,
     workers: usize,
     in_flight: usize,
     sleep: Duration,
@@ -227,7 +228,7 @@ async fn scale_once(
 }
 
 /// Worker-pool scaling with a 5 ms processor: about 4 s of ideal work per configuration.
-async fn scaling(bootstrap: &str, topics: &Topics, retained: u64) -> anyhow::Result<Vec<Row>> {
+async fn scaling(bootstrap: &str, topics: &Names, retained: u64) -> anyhow::Result<Vec<Row>> {
     const SLEEP: Duration = Duration::from_millis(5);
     let secs = common::size(4, 1) as f64;
     // Smoke runs two sizes only: every group join costs the mock broker's 3 s initial
@@ -264,7 +265,7 @@ async fn scaling(bootstrap: &str, topics: &Topics, retained: u64) -> anyhow::Res
 /// `COURIER_BENCH_MSGS=N` stops after N messages.
 async fn experiment(
     bootstrap: &str,
-    topics: &Topics,
+    topics: &Names,
     retained: u64,
     spec: &str,
 ) -> anyhow::Result<()> {
@@ -303,7 +304,7 @@ async fn experiment(
 async fn run() -> anyhow::Result<()> {
     let broker = DevBroker::start()?;
     let bootstrap = broker.bootstrap_servers();
-    let topics = Topics::create(&broker, "bench")?;
+    let topics = common::create_topics(&broker, "bench")?;
     let produce = common::size(1_000_000, 5_000);
     let t = Instant::now();
     common::produce_backlog(&bootstrap, &topics.source, produce).await?;
@@ -348,14 +349,5 @@ async fn run() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let t = Instant::now();
-    rt.block_on(run())?;
-    eprintln!(
-        "consumer_throughput finished in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
+    common::main_with("consumer_throughput", run())
 }

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use common::http::HttpConn;
-use common::{Row, Topics, Usage};
+use common::{Row, Usage};
 use courier::model::Envelope;
 use courier::observability::Metrics;
 use courier::service::Publisher;
+use courier::testing::Names;
 use courier::transport::settings::{client_config, ClientRole};
 use courier::transport::{DevBroker, KafkaPublisher};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -232,7 +233,7 @@ async fn wait_ready(ops: std::net::SocketAddr) -> anyhow::Result<()> {
 }
 
 /// The HTTP ingest path, one row per (events per request, connections).
-async fn http_ingest(bootstrap: &str, topics: &Topics, base: f64) -> anyhow::Result<Vec<Row>> {
+async fn http_ingest(bootstrap: &str, topics: &Names, base: f64) -> anyhow::Result<Vec<Row>> {
     let config = common::config(bootstrap, topics, &[])?;
     let shutdown = CancellationToken::new();
     let producer =
@@ -280,7 +281,7 @@ async fn http_ingest(bootstrap: &str, topics: &Topics, base: f64) -> anyhow::Res
 async fn run() -> anyhow::Result<()> {
     let broker = DevBroker::start()?;
     let bootstrap = broker.bootstrap_servers();
-    let topics = Topics::create(&broker, "bench-produce")?;
+    let topics = common::create_topics(&broker, "bench-produce")?;
     let config = common::config(&bootstrap, &topics, &[])?;
     let n = common::size(500_000, 5_000);
     let mut rows = Vec::new();
@@ -301,14 +302,5 @@ async fn run() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let t = Instant::now();
-    rt.block_on(run())?;
-    eprintln!(
-        "producer_throughput finished in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
+    common::main_with("producer_throughput", run())
 }

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
-use common::{Row, Topics, Tracker};
+use common::{Row, Tracker};
 use courier::model::{Delivery, HEADER_DUE_AT_MS};
 use courier::service::{ProcessError, Processor};
+use courier::testing::Names;
 use courier::transport::DevBroker;
 use parking_lot::Mutex;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -143,7 +144,7 @@ async fn produce_paced(
 async fn retry_timing(broker: &DevBroker, steady: bool) -> anyhow::Result<Row> {
     let load = common::load_avg();
     let bootstrap = broker.bootstrap_servers();
-    let topics = Topics::create(broker, "bench-retry")?;
+    let topics = common::create_topics(broker, "bench-retry")?;
     let n = common::size(10_000, 500);
     let rate = common::size(1_000, 500);
     let workers = if steady { "32" } else { "8" };
@@ -227,10 +228,12 @@ fn memory_child(args: &[String]) -> anyhow::Result<()> {
     let [bootstrap, source, prefix, dlq, expected, workers] = args else {
         bail!("usage: --memory-child BOOTSTRAP SOURCE PREFIX DLQ EXPECTED WORKERS");
     };
-    let topics = Topics {
+    // The group is the configuration's own (see `common::config`).
+    let topics = Names {
         source: source.clone(),
         prefix: prefix.clone(),
         dlq: dlq.clone(),
+        group: String::new(),
     };
     let expected: u64 = expected.parse()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -299,7 +302,7 @@ impl Processor for SlowProcessor {
 async fn memory(broker: &DevBroker, produce: u64) -> anyhow::Result<Row> {
     let load = common::load_avg();
     let bootstrap = broker.bootstrap_servers();
-    let topics = Topics::create(broker, "bench-memory")?;
+    let topics = common::create_topics(broker, "bench-memory")?;
     common::produce_backlog(&bootstrap, &topics.source, produce).await?;
     let retained = common::retained(&bootstrap, &topics.source)?;
     let workers = "32";
@@ -387,14 +390,5 @@ fn main() -> anyhow::Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--memory-child") {
         return memory_child(&args[i + 1..]);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let t = Instant::now();
-    rt.block_on(run())?;
-    eprintln!(
-        "retry_memory finished in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    Ok(())
+    common::main_with("retry_memory", run())
 }

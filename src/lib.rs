@@ -27,4 +27,6 @@ pub mod config;
 pub mod model;
 pub mod observability;
 pub mod service;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod transport;

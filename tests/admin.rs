@@ -1,22 +1,18 @@
 //! Topic provisioning, the dev broker and the generator, as a user runs them.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{free_port, rand_id, wait_ready, ChildProcess, TestKafka};
 use courier::app::{auto_create_topics, Provisioned};
+use courier::testing::{
+    courier_command, output_within, rand_id, ChildProcess, Log, ServiceProcess, TestKafka,
+};
 use courier::transport::admin::{AdminError, TopicOutcome};
 use courier::transport::TopicAdmin;
 
 const T: Duration = Duration::from_secs(30);
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_courier")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_topics_are_fine_and_refused_creation_names_the_missing_ones() {
@@ -53,32 +49,24 @@ async fn existing_topics_are_fine_and_refused_creation_names_the_missing_ones() 
 #[test]
 fn topics_commands_print_and_explain() {
     let k = TestKafka::new(1);
-    let out = Command::new(bin())
-        .args(["topics", "list"])
-        .envs(k.env(&[]))
-        .output()
-        .unwrap();
+    let out = output_within(courier_command(["topics", "list"]).envs(k.env(&[])), T);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("TOPIC\tPARTITIONS"), "{text}");
     assert!(text.contains(&format!("{}\t1", k.dlq)), "{text}");
-    let out = Command::new(bin())
-        .args(["topics", "create"])
-        .envs(k.env(&[]))
-        .output()
-        .unwrap();
+    let out = output_within(courier_command(["topics", "create"]).envs(k.env(&[])), T);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{}\texists", k.source)));
-    let out = Command::new(bin())
-        .args(["topics", "list"])
-        .env("KAFKA_BROKERS", "127.0.0.1:1")
-        .env("LOG_LEVEL", "error")
-        .output()
-        .unwrap();
+    let out = output_within(
+        courier_command(["topics", "list"])
+            .env("KAFKA_BROKERS", "127.0.0.1:1")
+            .env("LOG_LEVEL", "error"),
+        T,
+    );
     assert!(!out.status.success(), "an unreachable broker fails");
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the broker at 127.0.0.1:1"));
 }
@@ -94,16 +82,12 @@ async fn auto_create_reports_each_topic_and_degrades_cleanly_when_refused() {
     // The service as a user runs it (started first: the refusal takes a while, and the
     // in-process check below runs meanwhile): it tries at start-up, says what it could not
     // create, and serves anyway.
-    let ops = free_port();
-    let mut child = ChildProcess::spawn(
-        Command::new(bin())
-            .arg("producer")
-            .envs(k.env(&env))
-            .env("OPS_ADDR", format!("127.0.0.1:{ops}"))
-            .env("LOG_FORMAT", "json")
-            .env("LOG_LEVEL", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
+    let mut child = ServiceProcess::spawn(
+        "producer",
+        &k.service_env(&env)
+            .set("LOG_FORMAT", "json")
+            .set("LOG_LEVEL", "info"),
+        Log::Piped,
     );
 
     assert!(
@@ -151,7 +135,7 @@ async fn auto_create_reports_each_topic_and_degrades_cleanly_when_refused() {
         }
     };
     assert!(refusal.contains("\"level\":\"WARN\""), "{refusal}");
-    wait_ready(&format!("http://127.0.0.1:{ops}/readyz"), T).await;
+    child.wait_ready(T).await;
     child.signal("TERM");
     let status = child.wait(T).await;
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
@@ -163,8 +147,7 @@ fn dev_broker_prints_bootstrap_first_and_serves_until_sigterm() {
     let file = dir.path().join("bootstrap");
     let topic = format!("dev-{}", rand_id());
     let mut child = ChildProcess::spawn(
-        Command::new(bin())
-            .args(["dev-broker", "--bootstrap-file"])
+        courier_command(["dev-broker", "--bootstrap-file"])
             .arg(&file)
             .env("KAFKA_CONSUMER_TOPICS", &topic)
             .env("KAFKA_TOPIC_PARTITIONS", "3")
@@ -178,11 +161,10 @@ fn dev_broker_prints_bootstrap_first_and_serves_until_sigterm() {
     let bootstrap = first.trim().to_owned();
     assert!(bootstrap.starts_with("127.0.0.1:"), "{bootstrap}");
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), bootstrap);
-    let out = Command::new(bin())
-        .args(["topics", "list"])
-        .env("KAFKA_BROKERS", &bootstrap)
-        .output()
-        .unwrap();
+    let out = output_within(
+        courier_command(["topics", "list"]).env("KAFKA_BROKERS", &bootstrap),
+        T,
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!("{topic}\t3")) && text.contains("events-dlq\t3"),
@@ -195,8 +177,8 @@ fn dev_broker_prints_bootstrap_first_and_serves_until_sigterm() {
 #[test]
 fn generator_publishes_count_events_and_exits() {
     let k = TestKafka::new(2);
-    let out = Command::new(bin())
-        .args([
+    let out = output_within(
+        courier_command([
             "producer",
             "--generate",
             "--rate",
@@ -206,9 +188,9 @@ fn generator_publishes_count_events_and_exits() {
             "--types",
             "order_created,payment_received",
         ])
-        .envs(k.env(&[]))
-        .output()
-        .unwrap();
+        .envs(k.env(&[])),
+        T,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -221,11 +203,10 @@ fn generator_publishes_count_events_and_exits() {
         assert!(["order_created", "payment_received"].contains(&v["type"].as_str().unwrap()));
         assert_eq!(m.message_id().unwrap(), v["id"].as_str().unwrap());
     }
-    let bad = Command::new(bin())
-        .args(["producer", "--generate", "--types", "refund"])
-        .envs(k.env(&[]))
-        .output()
-        .unwrap();
+    let bad = output_within(
+        courier_command(["producer", "--generate", "--types", "refund"]).envs(k.env(&[])),
+        T,
+    );
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown type `refund`"));
 }

@@ -3,8 +3,6 @@
 //! test: an outage empties nothing into the DLQ, a steady 5% failure rate never trips it,
 //! the rate limit holds, and a revoke while it is open loses nothing.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use common::{http_get, wait_for, TestKafka};
 use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
 use courier::model::{now_ms, HEADER_MESSAGE_ID};
+use courier::testing::{http_get, rand_id, wait_for, TestKafka};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -182,7 +180,7 @@ async fn outage_scenario(extra: &[(&str, &str)]) -> OutageRun {
     let k = TestKafka::new(3);
     let (url, e) = endpoint().await;
     let (running, shutdown) = consumer(&k, &url, extra).await;
-    let prefix = format!("o{}", common::rand_id());
+    let prefix = format!("o{}", rand_id());
     e.fail_twice.lock().extend(
         (0..800)
             .filter(|i| i % 20 == 3)
@@ -314,7 +312,7 @@ async fn a_steady_five_percent_failure_never_opens_the_circuit() {
     let k = TestKafka::new(3);
     let (url, e) = endpoint().await;
     let (running, shutdown) = consumer(&k, &url, &[]).await;
-    let prefix = format!("f{}", common::rand_id());
+    let prefix = format!("f{}", rand_id());
     e.fail_twice.lock().extend(
         (0..600)
             .filter(|i| i % 20 == 0)
@@ -334,7 +332,7 @@ async fn a_steady_five_percent_failure_never_opens_the_circuit() {
 async fn a_rate_limit_of_50_per_second_holds_within_ten_percent() {
     let k = TestKafka::new(3);
     let (url, e) = endpoint().await;
-    let prefix = format!("r{}", common::rand_id());
+    let prefix = format!("r{}", rand_id());
     let ids = stream(&k, &prefix, 1000, 10_000).await;
     let (running, shutdown) = consumer(&k, &url, &[("PROCESSOR_MAX_RATE", "50")]).await;
     wait_for("calls started", T, || !e.seen.lock().is_empty()).await;
@@ -366,7 +364,7 @@ async fn a_revoke_while_the_circuit_is_open_loses_nothing() {
     let (url, e) = endpoint().await;
     e.down.store(true, Ordering::SeqCst);
     let (a, a_stop) = consumer(&k, &url, &[]).await;
-    let prefix = format!("v{}", common::rand_id());
+    let prefix = format!("v{}", rand_id());
     let ids = stream(&k, &prefix, 200, 200).await;
     wait_for("A's circuit opened", T, || opened(&a) >= 1).await;
     let (b, b_stop) = consumer(&k, &url, &[]).await;

@@ -1,49 +1,20 @@
 //! The consumer pipeline against a mock cluster per test.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
+use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{
-    header, metric_sum, wait_for, wait_ready, ChildProcess, ScriptedProcessor, Step, TestKafka,
-};
-use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
 use courier::model::*;
 use courier::service::pipeline::ConsumerSummary;
-use tokio_util::sync::CancellationToken;
+use courier::testing::{
+    courier_command, header, http_get, metric_sum, stop_consumer, wait_for, wait_ready,
+    ChildProcess, HttpSink, Reply, ScriptedProcessor, Step, TestKafka,
+};
 
 const T: Duration = Duration::from_secs(30);
 const PROCESSED: &str = "courier_messages_processed_total";
-
-async fn consumer(
-    k: &TestKafka,
-    p: &Arc<ScriptedProcessor>,
-    extra: &[(&str, &str)],
-) -> (RunningConsumer, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let running = start(
-        k.config(extra),
-        ConsumerOptions {
-            processor: Some(p.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .expect("consumer starts");
-    (running, shutdown)
-}
-
-async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> ConsumerSummary {
-    shutdown.cancel();
-    tokio::time::timeout(T, running.done)
-        .await
-        .expect("consumer stops in time")
-        .expect("consumer task")
-}
 
 fn total(
     summary: &ConsumerSummary,
@@ -57,7 +28,7 @@ async fn happy_path_processes_each_once_and_commits_end_offsets() {
     let k = TestKafka::new(4);
     let ids = k.produce_events("h", 200, 50).await;
     let p = ScriptedProcessor::new();
-    let (running, shutdown) = consumer(&k, &p, &[("DEDUPE_CAPACITY", "50")]).await;
+    let (running, shutdown) = k.consumer(p.clone(), &[("DEDUPE_CAPACITY", "50")]).await;
     wait_for("all processed", T, || p.calls() >= 200).await;
     // The dedupe store keeps the 50 newest of the 200 completed ids, nothing more.
     let metrics = running.metrics.clone();
@@ -65,7 +36,7 @@ async fn happy_path_processes_each_once_and_commits_end_offsets() {
         metrics.dedupe_entries.get() == 50
     })
     .await;
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     let mut ok = p.ok_ids();
     ok.sort();
     let mut want = ids.clone();
@@ -95,12 +66,14 @@ async fn fails_twice_then_succeeds_through_retry_1_and_2() {
         )],
     )
     .await;
-    let (running, shutdown) = consumer(&k, &p, &[("KAFKA_RETRY_BACKOFF", "400ms,700ms")]).await;
+    let (running, shutdown) = k
+        .consumer(p.clone(), &[("KAFKA_RETRY_BACKOFF", "400ms,700ms")])
+        .await;
     wait_for("third attempt", T, || {
         p.ok_ids().contains(&"r-0".to_string())
     })
     .await;
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     let calls = p.calls_for("r-0");
     assert_eq!(calls.len(), 3);
     assert_eq!(calls[0].delivery.topic, k.source);
@@ -171,9 +144,11 @@ async fn always_failing_reaches_dlq_after_last_level_and_fatal_at_once() {
         ],
     )
     .await;
-    let (running, shutdown) = consumer(&k, &p, &[("KAFKA_RETRY_BACKOFF", "200ms")]).await;
+    let (running, shutdown) = k
+        .consumer(p.clone(), &[("KAFKA_RETRY_BACKOFF", "200ms")])
+        .await;
     let dlq = k.read_all(&k.dlq, 2, T);
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     assert_eq!(dlq.len(), 2, "{dlq:?}");
     for d in &dlq {
         let id = d.message_id().unwrap();
@@ -251,7 +226,7 @@ async fn duplicates_are_processed_once_and_missing_ids_counted() {
         ],
     )
     .await;
-    let (running, shutdown) = consumer(&k, &p, &[]).await;
+    let (running, shutdown) = k.consumer(p.clone(), &[]).await;
     let metrics = running.metrics.clone();
     wait_for("all four finished", T, || {
         let text = metrics.render();
@@ -260,7 +235,7 @@ async fn duplicates_are_processed_once_and_missing_ids_counted() {
             && metric_sum(&text, PROCESSED, &["outcome=\"ok\""]) == 2.0
     })
     .await;
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     assert_eq!(p.calls_for("d1").len(), 1);
     assert_eq!(p.seen.lock().iter().filter(|s| s.id.is_none()).count(), 1);
     assert_eq!(total(&summary, |s| s.duplicates), 2);
@@ -275,15 +250,15 @@ async fn a_slow_message_holds_the_commit_point() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     p.script("s-3", vec![Step::Hold(gate.clone())]);
     k.produce_events("s", 10, 10).await;
-    let (running, shutdown) = consumer(
-        &k,
-        &p,
-        &[
-            ("KAFKA_CONSUMER_WORKERS", "64"),
-            ("RDKAFKA_STATISTICS_INTERVAL_MS", "200"),
-        ],
-    )
-    .await;
+    let (running, shutdown) = k
+        .consumer(
+            p.clone(),
+            &[
+                ("KAFKA_CONSUMER_WORKERS", "64"),
+                ("RDKAFKA_STATISTICS_INTERVAL_MS", "200"),
+            ],
+        )
+        .await;
     let metrics = running.metrics.clone();
     wait_for("every offset but 3 finished", T, || p.ok_ids().len() >= 9).await;
     let lag_series = format!(
@@ -314,37 +289,24 @@ async fn a_slow_message_holds_the_commit_point() {
         k.committed(&k.source) == vec![10]
     })
     .await;
-    stop(running, shutdown).await;
+    stop_consumer(running, shutdown, T).await;
     assert_eq!(k.committed(&k.source), vec![10]);
 }
 
 /// An endpoint for the `http` processor that records the `message-id` of every request it
 /// answers 200 at once, and never answers the request for `hold`.
-async fn recording_endpoint(hold: &str) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
-    let answered = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let (a, hold) = (answered.clone(), hold.to_owned());
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |headers: axum::http::HeaderMap| {
-            let (a, hold) = (a.clone(), hold.clone());
-            async move {
-                let id = headers
-                    .get("message-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                if id == hold {
-                    std::future::pending::<()>().await;
-                }
-                a.lock().push(id);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, answered)
+async fn recording_endpoint(hold: &'static str) -> (String, Arc<HttpSink>) {
+    let script = move |id: &str, _| {
+        if id == hold {
+            Reply::Hang
+        } else {
+            Reply::Status(200)
+        }
+    };
+    HttpSink::new(script, Duration::ZERO)
+        .record_on_answer()
+        .start()
+        .await
 }
 
 /// Produces `n` events to `partition`: ids `{prefix}{partition}-{i}`, keyed by id.
@@ -378,18 +340,17 @@ async fn after_kill_9_the_finished_but_uncommitted_messages_are_processed_again(
     let p1 = produce_to_partition(&k, "c", 1, 20).await;
     let (url, answered) = recording_endpoint("c0-0").await;
     let mut child = ChildProcess::spawn(
-        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-            .arg("consumer")
+        courier_command(["consumer"])
             .envs(k.env(&[
                 ("COURIER_PROCESSOR", "http"),
                 ("PROCESSOR_HTTP_URL", &url),
                 ("PROCESSOR_HTTP_TIMEOUT_MS", "120000"),
                 ("KAFKA_CONSUMER_WORKERS", "8"),
             ]))
-            .stderr(std::process::Stdio::null()),
+            .stderr(Stdio::null()),
     );
     let finished_in = |ids: &[String]| -> Vec<String> {
-        let done = answered.lock();
+        let done = answered.ok_ids();
         ids.iter().filter(|i| done.contains(*i)).cloned().collect()
     };
     wait_for("partition 1 processed and committed", T, || {
@@ -412,12 +373,12 @@ async fn after_kill_9_the_finished_but_uncommitted_messages_are_processed_again(
     assert!(finished_uncommitted.len() >= 5, "{finished_uncommitted:?}");
 
     let second = ScriptedProcessor::new();
-    let (running, shutdown) = consumer(&k, &second, &[]).await;
+    let (running, shutdown) = k.consumer(second.clone(), &[]).await;
     wait_for("partition 0 processed by the new consumer", T, || {
         second.ok_ids().len() >= p0.len()
     })
     .await;
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     let mut again = second.ok_ids();
     again.sort();
     let mut want = p0.clone();
@@ -451,7 +412,9 @@ async fn a_failing_retry_publish_holds_the_commit_point_until_acknowledged() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1000],
     );
-    let (running, shutdown) = consumer(&k, &p, &[("KAFKA_PRODUCER_IDEMPOTENT", "false")]).await;
+    let (running, shutdown) = k
+        .consumer(p.clone(), &[("KAFKA_PRODUCER_IDEMPOTENT", "false")])
+        .await;
     let metrics = running.metrics.clone();
     let failures = || {
         metric_sum(
@@ -496,7 +459,7 @@ async fn a_failing_retry_publish_holds_the_commit_point_until_acknowledged() {
         p.ok_ids().contains(&"p-3".to_string())
     })
     .await;
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     let calls = p.calls_for("p-3");
     assert_eq!(calls.len(), 2, "once from the source, once from retry-1");
     assert_eq!(calls[1].delivery.topic, k.retry_topic(1));
@@ -511,16 +474,16 @@ async fn backpressure_bounds_in_flight() {
     let k = TestKafka::new(3);
     k.produce_events("b", 500, 500).await;
     let p = ScriptedProcessor::with_sleep(Duration::from_millis(20));
-    let (running, shutdown) = consumer(
-        &k,
-        &p,
-        &[
-            ("KAFKA_CONSUMER_MAX_IN_FLIGHT", "10"),
-            ("KAFKA_CONSUMER_PAUSE_AFTER_MS", "200"),
-            ("KAFKA_CONSUMER_WORKERS", "64"),
-        ],
-    )
-    .await;
+    let (running, shutdown) = k
+        .consumer(
+            p.clone(),
+            &[
+                ("KAFKA_CONSUMER_MAX_IN_FLIGHT", "10"),
+                ("KAFKA_CONSUMER_PAUSE_AFTER_MS", "200"),
+                ("KAFKA_CONSUMER_WORKERS", "64"),
+            ],
+        )
+        .await;
     let metrics = running.metrics.clone();
     let mut max_seen = 0;
     let mut paused_seen = false;
@@ -535,7 +498,7 @@ async fn backpressure_bounds_in_flight() {
         paused_seen |= metrics.paused_partitions.get() > 0;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    stop(running, shutdown).await;
+    stop_consumer(running, shutdown, T).await;
     assert!(max_seen <= 10, "in flight reached {max_seen}");
     assert!(p.max_concurrent.load(Ordering::SeqCst) <= 10);
     assert!(
@@ -553,8 +516,12 @@ async fn two_groups_share_one_retry_chain() {
     pa.script("g-0", vec![Step::Retry("a fails once"), Step::Ok]);
     pb.script("g-0", vec![Step::Retry("b fails once"), Step::Ok]);
     k.produce_events("g", 1, 1).await;
-    let (ra, sa) = consumer(&k, &pa, &[("KAFKA_CONSUMER_GROUP_ID", "group-a")]).await;
-    let (rb, sb) = consumer(&k, &pb, &[("KAFKA_CONSUMER_GROUP_ID", "group-b")]).await;
+    let (ra, sa) = k
+        .consumer(pa.clone(), &[("KAFKA_CONSUMER_GROUP_ID", "group-a")])
+        .await;
+    let (rb, sb) = k
+        .consumer(pb.clone(), &[("KAFKA_CONSUMER_GROUP_ID", "group-b")])
+        .await;
     let (ma, mb) = (ra.metrics.clone(), rb.metrics.clone());
     let skipped = |m: &courier::observability::Metrics| {
         metric_sum(&m.render(), PROCESSED, &["outcome=\"skipped\""])
@@ -570,7 +537,10 @@ async fn two_groups_share_one_retry_chain() {
         },
     )
     .await;
-    let (suma, sumb) = (stop(ra, sa).await, stop(rb, sb).await);
+    let (suma, sumb) = (
+        stop_consumer(ra, sa, T).await,
+        stop_consumer(rb, sb, T).await,
+    );
     for (p, group) in [(&pa, "group-a"), (&pb, "group-b")] {
         let calls = p.calls_for("g-0");
         assert_eq!(calls.len(), 2, "{group}: source + its own retry only");
@@ -592,9 +562,11 @@ async fn per_key_order_on_a_source_partition() {
     let k = TestKafka::new(1);
     k.produce_events("o", 200, 5).await;
     let p = ScriptedProcessor::with_sleep(Duration::from_millis(1));
-    let (running, shutdown) = consumer(&k, &p, &[("KAFKA_CONSUMER_WORKERS", "16")]).await;
+    let (running, shutdown) = k
+        .consumer(p.clone(), &[("KAFKA_CONSUMER_WORKERS", "16")])
+        .await;
     wait_for("all processed", T, || p.calls() >= 200).await;
-    stop(running, shutdown).await;
+    stop_consumer(running, shutdown, T).await;
     let mut per_key: BTreeMap<Vec<u8>, Vec<i64>> = BTreeMap::new();
     for s in p.seen.lock().iter() {
         per_key
@@ -620,41 +592,23 @@ async fn per_key_order_on_a_source_partition() {
 async fn readiness_waits_for_the_group() {
     let k = TestKafka::new(1);
     let p = ScriptedProcessor::new();
-    let (running, shutdown) = consumer(&k, &p, &[]).await;
+    let (running, shutdown) = k.consumer(p.clone(), &[]).await;
     let url = format!("http://{}/readyz", running.ops_addr);
-    let (status, body) = common::http_get(&url).await;
+    let (status, body) = http_get(&url).await;
     assert_eq!(status, 503, "not ready before joining the group");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(body["reason"].is_string());
     wait_ready(&url, T).await;
-    stop(running, shutdown).await;
+    stop_consumer(running, shutdown, T).await;
 }
 
 /// A local HTTP endpoint for the `http` processor: answers 200 after `delay`, recording the
 /// `message-id` of each request when it is answered.
-async fn slow_endpoint(delay: Duration) -> (String, Arc<parking_lot::Mutex<Vec<String>>>) {
-    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let s = seen.clone();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |headers: axum::http::HeaderMap| {
-            let s = s.clone();
-            async move {
-                tokio::time::sleep(delay).await;
-                let id = headers
-                    .get("message-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                s.lock().push(id);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, seen)
+async fn slow_endpoint(delay: Duration) -> (String, Arc<HttpSink>) {
+    HttpSink::new(|_: &str, _| Reply::Status(200), delay)
+        .record_on_answer()
+        .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -663,21 +617,20 @@ async fn sigterm_drains_in_flight_commits_and_exits_0() {
     let ids = k.produce_events("t", 20, 20).await;
     let (url, seen) = slow_endpoint(Duration::from_millis(300)).await;
     let mut child = ChildProcess::spawn(
-        std::process::Command::new(env!("CARGO_BIN_EXE_courier"))
-            .arg("consumer")
+        courier_command(["consumer"])
             .envs(k.env(&[
                 ("COURIER_PROCESSOR", "http"),
                 ("PROCESSOR_HTTP_URL", &url),
                 ("KAFKA_CONSUMER_WORKERS", "4"),
             ]))
-            .stderr(std::process::Stdio::null()),
+            .stderr(Stdio::null()),
     );
-    wait_for("processing started", T, || !seen.lock().is_empty()).await;
-    let before = seen.lock().len();
+    wait_for("processing started", T, || !seen.ok_ids().is_empty()).await;
+    let before = seen.ok_ids().len();
     child.signal("TERM");
     let status = child.wait(T).await;
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
-    let done: HashSet<String> = seen.lock().iter().cloned().collect();
+    let done: HashSet<String> = seen.ok_ids().into_iter().collect();
     assert!(
         done.len() > before,
         "in-flight work finished after the signal"

@@ -2,8 +2,6 @@
 //! retry chain, the DLQ and dedupe all show, `/metrics` answers during the run), and the
 //! real binary with `--duration`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
@@ -12,6 +10,9 @@ use std::time::{Duration, Instant};
 use courier::app::demo::{session as demo, DemoOptions, DrainEnd, ProgressStyle};
 use courier::config::Config;
 use courier::service::demo::{FailurePlan, Fate};
+use courier::testing::{
+    courier_command, http_get, metric_sum, output_within, wait_for, wait_for_async, ServiceEnv,
+};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -63,19 +64,13 @@ const T: Duration = Duration::from_secs(20);
 /// The configuration of a demo test: the defaults, short delays, port 0 everywhere (the
 /// demo brings its own broker and topics, so names need not be unique).
 fn config() -> Config {
-    let env: Vec<(String, String)> = [
-        ("KAFKA_RETRY_BACKOFF", "200ms,300ms,400ms"),
-        ("OPS_ADDR", "127.0.0.1:0"),
-        ("HTTP_ADDR", "127.0.0.1:0"),
-        ("KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "200"),
-        ("KAFKA_PRODUCER_LINGER_MS", "0"),
-        ("RDKAFKA_SESSION_TIMEOUT_MS", "6000"),
-        ("RDKAFKA_HEARTBEAT_INTERVAL_MS", "500"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    Config::load_from(None, &env).expect("test configuration is valid")
+    ServiceEnv::local()
+        .with(&[
+            ("KAFKA_RETRY_BACKOFF", "200ms,300ms,400ms"),
+            ("KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "200"),
+            ("KAFKA_PRODUCER_LINGER_MS", "0"),
+        ])
+        .config()
 }
 
 /// The first word after `name` on the banner line that starts with it.
@@ -92,7 +87,7 @@ fn banner_field(out: &SharedOut, name: &str) -> String {
 /// The `/metrics` URL from the demo's banner, once it is printed.
 async fn metrics_url(out: &SharedOut) -> String {
     let mut url = None;
-    common::wait_for("the banner", Duration::from_secs(20), || {
+    wait_for("the banner", Duration::from_secs(20), || {
         url = out.text().lines().find_map(|l| {
             let l = l.trim_start().strip_prefix("metrics")?;
             l.split_whitespace().next().map(str::to_owned)
@@ -320,15 +315,15 @@ async fn the_demo_accounts_for_every_message_id_and_shows_every_path() {
             *caught_up.lock() = Some(reader.catch_up());
         });
     }
-    let (status, body) = common::http_get(&url).await;
+    let (status, body) = http_get(&url).await;
     assert_eq!(status, 200, "{url} answers during the run");
     assert!(body.contains("courier_in_flight "), "{body}");
     // The counters move while the demo runs.
-    common::wait_for_async("publishes and processing in /metrics", T, || async {
-        let (status, body) = common::http_get(&url).await;
+    wait_for_async("publishes and processing in /metrics", T, || async {
+        let (status, body) = http_get(&url).await;
         status == 200
             && body.contains("courier_messages_published_total{topic=\"events\"}")
-            && common::metric_sum(
+            && metric_sum(
                 &body,
                 "courier_messages_processed_total",
                 &["outcome=\"ok\""],
@@ -434,29 +429,7 @@ async fn the_demo_accounts_for_every_message_id_and_shows_every_path() {
 
 /// Runs the courier binary with `args` and `env`, killing it after `timeout`.
 fn run_binary(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> std::process::Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_courier"));
-    cmd.args(args)
-        .env_remove("COURIER_CONFIG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("the binary starts");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(output) => output.expect("the binary's output"),
-        Err(_) => {
-            let _ = std::process::Command::new("kill")
-                .arg(pid.to_string())
-                .status();
-            panic!("courier {args:?} did not end within {timeout:?}");
-        }
-    }
+    output_within(courier_command(args).envs(env.iter().copied()), timeout)
 }
 
 #[test]

@@ -1,25 +1,18 @@
 //! `courier dlq inspect|replay` against a mock cluster per test.
 
-mod common;
-
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{header, rand_id, wait_for, ScriptedProcessor, Step, TestKafka};
-use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
 use courier::app::dlq::{inspect, replay, FilterFlags, InspectOptions, ReplayOptions};
 use courier::config::Config;
 use courier::model::*;
 use courier::service::dlq::{InspectReport, ReplayReport};
-use courier::service::pipeline::ConsumerSummary;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use courier::testing::{
+    header, rand_id, stop_consumer, wait_for, ScriptedProcessor, Step, TestKafka, TestMessage,
+};
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
-
-type Message = (Option<Vec<u8>>, Vec<u8>, Headers);
 
 /// The user part of a test message: a binary key, a binary payload and user headers
 /// (one of them null), so "byte for byte" is checked on awkward bytes.
@@ -40,7 +33,7 @@ fn original(id: &str) -> Delivery {
 }
 
 /// A DLQ message as the consumer writes it (via `failure_record`), from `topic`.
-fn dead(id: &str, topic: Option<&str>, kind: ErrorKind, failed_at_ms: i64) -> Message {
+fn dead(id: &str, topic: Option<&str>, kind: ErrorKind, failed_at_ms: i64) -> TestMessage {
     let mut d = original(id);
     d.topic = topic.unwrap_or("gone").to_owned();
     let hop = FailureHop {
@@ -59,7 +52,7 @@ fn dead(id: &str, topic: Option<&str>, kind: ErrorKind, failed_at_ms: i64) -> Me
     (rec.key, rec.payload.unwrap_or_default(), rec.headers)
 }
 
-fn fatal_batch(k: &TestKafka, prefix: &str, n: usize) -> Vec<Message> {
+fn fatal_batch(k: &TestKafka, prefix: &str, n: usize) -> Vec<TestMessage> {
     (0..n)
         .map(|i| {
             dead(
@@ -115,28 +108,6 @@ fn sorted_ids(ds: &[Delivery]) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Committed offsets of `group` on every partition of `topic` (-1001 = none).
-fn committed_of(k: &TestKafka, group: &str, topic: &str) -> Vec<i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", k.bootstrap())
-        .set("group.id", group)
-        .create()
-        .expect("offset reader");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..k.partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = c
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .expect("committed offsets");
-    (0..k.partitions)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => -1001,
-        })
-        .collect()
 }
 
 fn total_end(k: &TestKafka, topic: &str) -> i64 {
@@ -263,9 +234,9 @@ async fn inspect_commits_nothing_and_rejects_bad_flags() {
     // The mock cluster has no ListGroups, so "no group at all" cannot be listed; inspect's
     // own group id is random and never committed to. Neither the service's group nor the
     // replay group has offsets, and a later group reads everything.
-    assert_eq!(committed_of(&k, &k.group, &k.dlq), vec![-1001, -1001]);
+    assert_eq!(k.committed_of(&k.group, &k.dlq), vec![-1001, -1001]);
     let replay_group = courier::service::dlq::replay_group(&k.group, true, &Default::default());
-    assert_eq!(committed_of(&k, &replay_group, &k.dlq), vec![-1001, -1001]);
+    assert_eq!(k.committed_of(&replay_group, &k.dlq), vec![-1001, -1001]);
     assert_eq!(
         k.read_all(&k.dlq, 6, T).len(),
         6,
@@ -352,7 +323,7 @@ async fn replay_publishes_byte_for_byte_with_courier_headers_reset() {
         k.group,
         courier::service::dlq::selection_fingerprint(false, &opts.filter.args())
     );
-    assert_eq!(committed_of(&k, &group, &k.dlq), k.end_offsets(&k.dlq));
+    assert_eq!(k.committed_of(&group, &k.dlq), k.end_offsets(&k.dlq));
     let (again, _) = run_replay(&config, &opts, CancellationToken::new()).await;
     assert_eq!(
         (again.scanned, again.replayed),
@@ -501,20 +472,9 @@ async fn an_interrupted_replay_resumes_and_replays_each_message_once() {
         ..Default::default()
     };
     let token = CancellationToken::new();
-    let (bootstrap, source, cancel) = (k.bootstrap(), k.source.clone(), token.clone());
+    let (kafka, source, cancel) = (k.kafka(), k.source.clone(), token.clone());
     let watcher = std::thread::spawn(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .create()
-            .expect("watermark reader");
-        let published = || -> i64 {
-            (0..2)
-                .map(|p| {
-                    c.fetch_watermarks(&source, p, Duration::from_secs(5))
-                        .map_or(0, |w| w.1)
-                })
-                .sum()
-        };
+        let published = || -> i64 { kafka.try_end_offsets(&source).map_or(0, |e| e.iter().sum()) };
         let deadline = Instant::now() + T;
         while published() < 3 {
             if Instant::now() >= deadline {
@@ -549,30 +509,7 @@ async fn an_interrupted_replay_resumes_and_replays_each_message_once() {
     assert_eq!(sorted_ids(&got), want, "every message exactly once");
 }
 
-async fn consumer(
-    k: &TestKafka,
-    p: &Arc<ScriptedProcessor>,
-) -> (RunningConsumer, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let opts = ConsumerOptions {
-        processor: Some(p.clone()),
-        metrics: None,
-    };
-    let running = start(k.config(&[]), opts, shutdown.clone())
-        .await
-        .expect("consumer starts");
-    (running, shutdown)
-}
-
-async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> ConsumerSummary {
-    shutdown.cancel();
-    tokio::time::timeout(T, running.done)
-        .await
-        .expect("consumer stops in time")
-        .expect("consumer task")
-}
-
-fn event(id: &str) -> Message {
+fn event(id: &str) -> TestMessage {
     (
         Some(b"same-key".to_vec()),
         format!(r#"{{"id":"{id}","type":"t"}}"#).into_bytes(),
@@ -585,7 +522,7 @@ async fn a_fatal_message_is_replayed_and_then_processed() {
     let k = TestKafka::new(2);
     let p = ScriptedProcessor::new();
     p.script("e2e", vec![Step::Fatal("bad schema"), Step::Ok]);
-    let (running, shutdown) = consumer(&k, &p).await;
+    let (running, shutdown) = k.consumer(p.clone(), &[]).await;
     k.produce(&k.source, vec![event("e2e")]).await;
     let dlq = k.read_all(&k.dlq, 1, T);
     assert_eq!(header(&dlq[0], HEADER_ERROR_KIND).as_deref(), Some("fatal"));
@@ -599,7 +536,7 @@ async fn a_fatal_message_is_replayed_and_then_processed() {
         p.ok_ids().contains(&"e2e".to_string())
     })
     .await;
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     let calls = p.calls_for("e2e");
     assert_eq!(calls.len(), 2);
     let replayed = &calls[1].delivery;
@@ -617,7 +554,7 @@ async fn a_fatal_message_is_replayed_and_then_processed() {
 async fn a_replay_passes_dedupe_once_and_its_copy_is_a_duplicate() {
     let k = TestKafka::new(2);
     let p = ScriptedProcessor::new();
-    let (running, shutdown) = consumer(&k, &p).await;
+    let (running, shutdown) = k.consumer(p.clone(), &[]).await;
     k.produce(&k.source, vec![event("done-1")]).await;
     wait_for("the first processing", T, || p.ok_ids().len() == 1).await;
     // The same message sits in the DLQ too (e.g. dead-lettered by an earlier run).
@@ -662,7 +599,7 @@ async fn a_replay_passes_dedupe_once_and_its_copy_is_a_duplicate() {
             .any(|l| l.contains("outcome=\"duplicate\"") && l.ends_with(" 1"))
     })
     .await;
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     assert_eq!(
         p.calls_for("done-1").len(),
         2,

@@ -29,22 +29,16 @@
 //! duplicates, bound) are printed on a line starting with `FLEET`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use courier::model::{Delivery, HEADER_MESSAGE_ID};
-use parking_lot::Mutex;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use courier::testing::env::PROCESS;
+use courier::testing::{
+    event_record, DevBrokerProcess, HttpSink, Kafka, Log, Names, Reply, ServiceEnv, ServiceProcess,
+    SinkRequest, SinkState,
+};
 
 const PARTITIONS: i32 = 6;
-const RETRY_LEVELS: u32 = 3;
 const RATE_PER_SEC: usize = 100;
 const STREAM: Duration = Duration::from_secs(60);
 const MAX_IN_FLIGHT: usize = 100;
@@ -73,191 +67,18 @@ fn behaviour(seq: usize) -> Behaviour {
     }
 }
 
-/// One request the sink answered.
-#[derive(Debug, Clone)]
-struct Request {
-    id: String,
-    at_ms: i64,
-    at: Instant,
-    status: u16,
-    due_at_ms: Option<i64>,
+/// The sequence number of one of the test's ids (`{prefix}{seq}`).
+fn seq_of(prefix: &str, id: &str) -> Option<usize> {
+    id.strip_prefix(prefix)?.parse().ok()
 }
 
-#[derive(Default)]
-struct SinkState {
-    attempts: HashMap<String, u32>,
-    ok: HashMap<String, u32>,
-    log: Vec<Request>,
-}
-
-struct Sink {
-    prefix: String,
-    state: Mutex<SinkState>,
-}
-
-async fn sink_handler(State(sink): State<Arc<Sink>>, headers: HeaderMap) -> StatusCode {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let id = text(HEADER_MESSAGE_ID).unwrap_or_default();
-    let due_at_ms = text("courier-due-at-ms").and_then(|v| v.parse().ok());
-    let seq: Option<usize> = id.strip_prefix(&sink.prefix).and_then(|s| s.parse().ok());
-    let status = {
-        let mut st = sink.state.lock();
-        let n = {
-            let n = st.attempts.entry(id.clone()).or_default();
-            *n += 1;
-            *n
-        };
-        let status = match seq.map(behaviour) {
-            Some(Behaviour::Fatal) => StatusCode::BAD_REQUEST,
-            Some(Behaviour::FailTwice) if n <= 2 => StatusCode::INTERNAL_SERVER_ERROR,
-            _ => StatusCode::OK,
-        };
-        if status == StatusCode::OK {
-            *st.ok.entry(id.clone()).or_default() += 1;
-        }
-        st.log.push(Request {
-            id,
-            at_ms: courier::model::now_ms(),
-            at: Instant::now(),
-            status: status.as_u16(),
-            due_at_ms,
-        });
-        status
-    };
-    tokio::time::sleep(SINK_LATENCY).await;
-    status
-}
-
-async fn start_sink(prefix: &str) -> (String, Arc<Sink>) {
-    let sink = Arc::new(Sink {
-        prefix: prefix.to_owned(),
-        state: Mutex::new(SinkState::default()),
-    });
-    let app = axum::Router::new()
-        .route("/", axum::routing::post(sink_handler))
-        .with_state(sink.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, sink)
-}
-
-/// A child process, killed and reaped if the test ends early.
-struct Guard(Option<Child>);
-
-impl Guard {
-    fn pid(&self) -> u32 {
-        self.0.as_ref().map(Child::id).unwrap_or(0)
-    }
-
-    /// Waits for the process to exit; its status code (None: killed by a signal).
-    fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let mut child = self.0.take().expect("a running process");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("process {} did not exit within {timeout:?}", child.id());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(ok.success(), "kill -{sig} {pid}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-#[derive(Clone)]
-struct Names {
-    source: String,
-    prefix: String,
-    dlq: String,
-    group: String,
-}
-
-impl Names {
-    fn new() -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
-        Names {
-            source: format!("fleet-{id}"),
-            prefix: format!("fleet-{id}-retry"),
-            dlq: format!("fleet-{id}-dlq"),
-            group: format!("fleet-group-{id}"),
-        }
-    }
-
-    fn consumed_topics(&self) -> Vec<String> {
-        let mut v = vec![self.source.clone()];
-        v.extend((1..=RETRY_LEVELS).map(|n| format!("{}-{n}", self.prefix)));
-        v
-    }
-
-    fn topic_env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("KAFKA_CONSUMER_TOPICS", self.source.clone()),
-            ("KAFKA_PRODUCER_TOPIC", self.source.clone()),
-            ("KAFKA_RETRY_TOPIC_PREFIX", self.prefix.clone()),
-            ("KAFKA_DLQ_TOPIC", self.dlq.clone()),
-            ("KAFKA_CONSUMER_RETRY_MAX", RETRY_LEVELS.to_string()),
-            ("KAFKA_CONSUMER_GROUP_ID", self.group.clone()),
-        ]
-    }
-}
-
-fn start_broker(names: &Names, dir: &Path) -> (Guard, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
-        .arg("dev-broker")
-        .envs(names.topic_env())
-        .env("KAFKA_TOPIC_PARTITIONS", PARTITIONS.to_string())
-        .env("LOG_FORMAT", "pretty")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
-        .spawn()
-        .expect("dev-broker starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("dev-broker prints its address");
-    (Guard(Some(child)), line.trim().to_owned())
-}
-
-/// One replica: its process, log and ops port.
-struct Replica {
-    name: String,
-    guard: Guard,
-    ops_port: u16,
+/// The sink's answer to the `attempt`-th request for `id`, by [`behaviour`].
+fn answer(prefix: &str, id: &str, attempt: u32) -> Reply {
+    Reply::Status(match seq_of(prefix, id).map(behaviour) {
+        Some(Behaviour::Fatal) => 400,
+        Some(Behaviour::FailTwice) if attempt <= 2 => 500,
+        _ => 200,
+    })
 }
 
 struct Fleet<'a> {
@@ -270,110 +91,43 @@ struct Fleet<'a> {
 }
 
 impl Fleet<'_> {
-    fn start(&mut self) -> Replica {
+    /// One more replica: `consumer-N`, logging to `dir/consumer-N.log`.
+    fn start(&mut self) -> ServiceProcess {
         self.started += 1;
-        let name = format!("consumer-{}", self.started);
-        let ops_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_courier"))
-            .arg("consumer")
-            .envs(self.names.topic_env())
-            .env("KAFKA_BROKERS", &self.bootstrap)
-            .env("KAFKA_CONSUMER_ASSIGNMENT_STRATEGY", self.strategy)
-            .env("COURIER_PROCESSOR", "http")
-            .env("PROCESSOR_HTTP_URL", &self.url)
-            .env("KAFKA_RETRY_BACKOFF", "1s,2s,3s")
-            .env(
+        let env = ServiceEnv::against(&self.bootstrap, self.names)
+            .with(PROCESS)
+            .set("KAFKA_CONSUMER_ASSIGNMENT_STRATEGY", self.strategy)
+            .set("COURIER_PROCESSOR", "http")
+            .set("PROCESSOR_HTTP_URL", &self.url)
+            .set("KAFKA_RETRY_BACKOFF", "1s,2s,3s")
+            .set(
                 "KAFKA_CONSUMER_COMMIT_INTERVAL_MS",
                 COMMIT_INTERVAL_MS.to_string(),
             )
-            .env("KAFKA_CONSUMER_MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string())
-            .env("KAFKA_CONSUMER_WORKERS", WORKERS.to_string())
-            .env("KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS", "10000")
-            .env("RDKAFKA_SESSION_TIMEOUT_MS", "6000")
-            .env("RDKAFKA_HEARTBEAT_INTERVAL_MS", "500")
-            .env("RDKAFKA_TOPIC_METADATA_REFRESH_INTERVAL_MS", "1000")
-            .env("HEALTH_PROBE_INTERVAL_MS", "500")
-            .env("OPS_ADDR", format!("127.0.0.1:{ops_port}"))
-            .env("LOG_FORMAT", "pretty")
-            .env(
-                "LOG_LEVEL",
-                std::env::var("COURIER_FLEET_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(std::env::var("COURIER_FLEET_RDKAFKA_DEBUG").map(|d| ("RDKAFKA_DEBUG", d)))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap())
-            .spawn()
-            .expect("consumer starts");
-        Replica {
-            name,
-            guard: Guard(Some(child)),
-            ops_port,
-        }
-    }
-}
-
-/// The body of one GET on the replica's ops port, if it answers within a second.
-async fn ops_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(1), fetch)
-        .await
-        .ok()?
-}
-
-async fn gauge(port: u16, name: &str) -> Option<f64> {
-    let (_, text) = ops_get(port, "/metrics").await?;
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-async fn wait_ready(r: &Replica, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ops_get(r.ops_port, "/readyz")
-            .await
-            .is_some_and(|(s, _)| s == 200)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} not ready within {timeout:?}",
-            r.name
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .set("KAFKA_CONSUMER_MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string())
+            .set("KAFKA_CONSUMER_WORKERS", WORKERS.to_string());
+        // Diagnosis knobs: `COURIER_FLEET_LOG` (a LOG_LEVEL filter) and
+        // `COURIER_FLEET_RDKAFKA_DEBUG` (librdkafka's `debug` contexts, e.g. `cgrp`).
+        let env = match std::env::var("COURIER_FLEET_LOG") {
+            Ok(level) => env.set("LOG_LEVEL", level),
+            Err(_) => env,
+        };
+        let env = match std::env::var("COURIER_FLEET_RDKAFKA_DEBUG") {
+            Ok(debug) => env.set("RDKAFKA_DEBUG", debug),
+            Err(_) => env,
+        };
+        let log = self.dir.join(format!("consumer-{}.log", self.started));
+        ServiceProcess::spawn("consumer", &env, Log::File(log))
     }
 }
 
 /// Produces `RATE_PER_SEC` messages a second for `STREAM`; returns (id, partition, offset).
-async fn produce_stream(
-    bootstrap: String,
-    topic: String,
-    prefix: String,
-) -> Vec<(String, i32, i64)> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
+async fn produce_stream(kafka: Kafka, topic: String, prefix: String) -> Vec<(String, i32, i64)> {
+    let producer = kafka.producer(&[
+        ("acks", "all"),
+        ("enable.idempotence", "true"),
+        ("linger.ms", "5"),
+    ]);
     let total = RATE_PER_SEC * STREAM.as_secs() as usize;
     let tick = Duration::from_millis(100);
     let per_tick = RATE_PER_SEC / 10;
@@ -383,25 +137,11 @@ async fn produce_stream(
         interval.tick().await;
         let futs = (start..(start + per_tick).min(total)).map(|seq| {
             let producer = producer.clone();
-            let topic = topic.clone();
             let id = format!("{prefix}{seq}");
+            let key = format!("key-{}", seq % 101);
+            let record = event_record(&topic, &id, "fleet", seq, key);
             async move {
-                let payload =
-                    serde_json::json!({"id": id, "type": "fleet", "seq": seq}).to_string();
-                let key = format!("key-{}", seq % 101);
-                let headers = courier::transport::headers::write(&vec![(
-                    HEADER_MESSAGE_ID.into(),
-                    Some(id.as_bytes().to_vec()),
-                )]);
-                let record = FutureRecord::to(&topic)
-                    .key(&key)
-                    .payload(&payload)
-                    .headers(headers);
-                let (partition, offset) = producer
-                    .send(record, Duration::from_secs(30))
-                    .await
-                    .map(|d| (d.partition, d.offset))
-                    .unwrap_or_else(|(e, _)| panic!("produce {id}: {e}"));
+                let (partition, offset) = producer.send(&record).await;
                 (id, partition, offset)
             }
         });
@@ -410,78 +150,13 @@ async fn produce_stream(
     out
 }
 
-fn client(bootstrap: &str, group: &str) -> BaseConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("client")
-}
-
-fn end_offsets(bootstrap: &str, topic: &str) -> Vec<i64> {
-    let c = client(bootstrap, "fleet-watermarks");
-    (0..PARTITIONS)
-        .map(|p| {
-            c.fetch_watermarks(topic, p, Duration::from_secs(5))
-                .expect("watermarks")
-                .1
-        })
-        .collect()
-}
-
-fn committed(bootstrap: &str, group: &str, topic: &str) -> Vec<i64> {
-    let c = client(bootstrap, group);
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let got = c
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .expect("committed offsets");
-    (0..PARTITIONS)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => -1,
-        })
-        .collect()
-}
-
-/// Whether the group committed every partition of every consumed topic to its end.
-fn stuck_partitions(bootstrap: &str, names: &Names) -> Vec<String> {
-    let mut stuck = Vec::new();
-    for t in names.consumed_topics() {
-        let ends = end_offsets(bootstrap, &t);
-        let done = committed(bootstrap, &names.group, &t);
-        for (p, (c, e)) in done.iter().zip(&ends).enumerate() {
-            if *e > 0 && c != e {
-                stuck.push(format!("{t}/{p}: committed {c} of {e}"));
-            }
-        }
-    }
-    stuck
-}
-
-fn read_dlq(bootstrap: &str, topic: &str) -> Vec<Delivery> {
-    let c = client(
-        bootstrap,
-        &format!("fleet-reader-{}", uuid::Uuid::new_v4().simple()),
-    );
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let ends: i64 = end_offsets(bootstrap, topic).iter().sum();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut out = Vec::new();
-    while Instant::now() < deadline && (out.len() as i64) < ends {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            out.push(courier::transport::consumer::to_delivery(&m));
-        }
-    }
-    out
+/// The partitions of the source and retry topics the group has not committed to their
+/// end.
+async fn stuck_partitions(kafka: &Kafka, names: &Names) -> Vec<String> {
+    let (k, g, topics) = (kafka.clone(), names.group.clone(), names.consumed_topics());
+    tokio::task::spawn_blocking(move || k.not_committed_to_end(&g, &topics))
+        .await
+        .unwrap()
 }
 
 /// A moment of the scenario, with what it measured.
@@ -524,11 +199,9 @@ fn resume_time(
     first.values().max().map(|t| t.duration_since(at))
 }
 
-async fn event(events: &mut Vec<Event>, what: String, victim: Option<&Replica>) {
+async fn event(events: &mut Vec<Event>, what: String, victim: Option<&ServiceProcess>) {
     let in_flight = match victim {
-        Some(r) => gauge(r.ops_port, "courier_in_flight")
-            .await
-            .map(|v| v as usize),
+        Some(r) => r.gauge("courier_in_flight").await.map(|v| v as usize),
         None => None,
     };
     events.push(Event {
@@ -539,23 +212,31 @@ async fn event(events: &mut Vec<Event>, what: String, victim: Option<&Replica>) 
 }
 
 /// SIGTERM: the replica drains, commits, leaves the group and exits 0.
-async fn stop_replica(events: &mut Vec<Event>, mut r: Replica) {
+async fn stop_replica(events: &mut Vec<Event>, mut r: ServiceProcess) {
     event(events, format!("SIGTERM {}", r.name), None).await;
-    signal(r.guard.pid(), "TERM");
-    let code = tokio::task::spawn_blocking(move || r.guard.wait(Duration::from_secs(30)))
-        .await
-        .expect("wait task");
+    r.signal("TERM");
+    let code = r.wait(Duration::from_secs(30)).await.code();
     assert_eq!(code, Some(0), "a replica exits 0 on SIGTERM");
 }
 
 async fn fleet(strategy: &'static str) {
     let _serial = SERIAL.lock().await;
-    let names = Names::new();
+    let names = Names::new("fleet");
     let dir = std::env::temp_dir().join(format!("courier-fleet-{}", names.source));
     std::fs::create_dir_all(&dir).unwrap();
-    let (_broker, bootstrap) = start_broker(&names, &dir);
+    let broker = DevBrokerProcess::start(&ServiceEnv::new(&names).with(PROCESS), PARTITIONS, &dir);
+    let bootstrap = broker.bootstrap.clone();
+    let kafka = Kafka::new(&bootstrap, PARTITIONS);
     let prefix = format!("{}-id-", names.source);
-    let (url, sink) = start_sink(&prefix).await;
+    let (url, sink) = {
+        let prefix = prefix.clone();
+        HttpSink::new(
+            move |id, attempt| answer(&prefix, id, attempt),
+            SINK_LATENCY,
+        )
+        .start()
+        .await
+    };
     let mut fleet = Fleet {
         names: &names,
         bootstrap: bootstrap.clone(),
@@ -566,13 +247,13 @@ async fn fleet(strategy: &'static str) {
     };
     let began = Instant::now();
     let stream = tokio::spawn(produce_stream(
-        bootstrap.clone(),
+        kafka.clone(),
         names.source.clone(),
         prefix.clone(),
     ));
     let mut events = Vec::new();
     let r1 = fleet.start();
-    wait_ready(&r1, Duration::from_secs(30)).await;
+    r1.wait_ready(Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     // Scale 1 → 3.
     event(&mut events, "scale 1→2".into(), None).await;
@@ -580,14 +261,14 @@ async fn fleet(strategy: &'static str) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     event(&mut events, "scale 2→3".into(), None).await;
     let r3 = fleet.start();
-    wait_ready(&r2, Duration::from_secs(30)).await;
-    wait_ready(&r3, Duration::from_secs(30)).await;
+    r2.wait_ready(Duration::from_secs(30)).await;
+    r3.wait_ready(Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     // SIGKILL one; its pod is restarted a moment later.
     event(&mut events, format!("SIGKILL {}", r2.name), Some(&r2)).await;
-    signal(r2.guard.pid(), "KILL");
+    r2.signal("KILL");
     assert_eq!(
-        r2.guard.wait(Duration::from_secs(10)),
+        r2.wait(Duration::from_secs(10)).await.code(),
         None,
         "killed by the signal"
     );
@@ -607,7 +288,7 @@ async fn fleet(strategy: &'static str) {
         )
         .await;
         let new = fleet.start();
-        wait_ready(&new, Duration::from_secs(30)).await;
+        new.wait_ready(Duration::from_secs(30)).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         stop_replica(&mut events, old).await;
         running.push(new);
@@ -617,20 +298,15 @@ async fn fleet(strategy: &'static str) {
     let produced = stream.await.expect("producer task");
     let permanent: HashSet<String> = produced
         .iter()
-        .filter(|(id, _, _)| {
-            id.strip_prefix(&prefix)
-                .and_then(|s| s.parse().ok())
-                .map(behaviour)
-                == Some(Behaviour::Fatal)
-        })
+        .filter(|(id, _, _)| seq_of(&prefix, id).map(behaviour) == Some(Behaviour::Fatal))
         .map(|(id, _, _)| id.clone())
         .collect();
     // Done: every good id answered 2xx, every permanent one in the DLQ, nothing stuck.
     let deadline = began + DEADLINE;
     let (lost, dlq) = loop {
         let dlq = {
-            let (b, t) = (bootstrap.clone(), names.dlq.clone());
-            tokio::task::spawn_blocking(move || read_dlq(&b, &t))
+            let (k, t) = (kafka.clone(), names.dlq.clone());
+            tokio::task::spawn_blocking(move || k.read_to_end(&t, Duration::from_secs(20)))
                 .await
                 .unwrap()
         };
@@ -647,12 +323,7 @@ async fn fleet(strategy: &'static str) {
                 .cloned()
                 .collect()
         };
-        let stuck = {
-            let (b, n) = (bootstrap.clone(), names.clone());
-            tokio::task::spawn_blocking(move || stuck_partitions(&b, &n))
-                .await
-                .unwrap()
-        };
+        let stuck = stuck_partitions(&kafka, &names).await;
         if lost.is_empty() && stuck.is_empty() {
             break (lost, dlq);
         }
@@ -667,14 +338,9 @@ async fn fleet(strategy: &'static str) {
                     "courier_held_messages",
                     "courier_circuit_state",
                 ] {
-                    g.push(format!("{name}={:?}", gauge(r.ops_port, name).await));
+                    g.push(format!("{name}={:?}", r.gauge(name).await));
                 }
-                state.push(format!(
-                    "{} (pid {}): {}",
-                    r.name,
-                    r.guard.pid(),
-                    g.join(" ")
-                ));
+                state.push(format!("{} (pid {}): {}", r.name, r.id(), g.join(" ")));
             }
             if let Ok(secs) = std::env::var("COURIER_FLEET_HOLD_ON_FAILURE") {
                 // Keeps the processes alive for a look (gdb, curl) before failing.
@@ -692,20 +358,15 @@ async fn fleet(strategy: &'static str) {
     };
     let ended = Instant::now();
     for mut r in running {
-        signal(r.guard.pid(), "TERM");
+        r.signal("TERM");
         assert_eq!(
-            r.guard.wait(Duration::from_secs(30)),
+            r.wait(Duration::from_secs(30)).await.code(),
             Some(0),
             "{} exits 0 on SIGTERM",
             r.name
         );
     }
-    let stuck = {
-        let (b, n) = (bootstrap.clone(), names.clone());
-        tokio::task::spawn_blocking(move || stuck_partitions(&b, &n))
-            .await
-            .unwrap()
-    };
+    let stuck = stuck_partitions(&kafka, &names).await;
     assert!(
         stuck.is_empty(),
         "after the last SIGTERM every partition is committed to its end: {stuck:?}"
@@ -714,7 +375,7 @@ async fn fleet(strategy: &'static str) {
     let st = sink.state.lock();
     assert!(lost.is_empty());
     // No retry before its due time.
-    let early: Vec<&Request> = st
+    let early: Vec<&SinkRequest> = st
         .log
         .iter()
         .filter(|r| r.due_at_ms.is_some_and(|d| r.at_ms < d))

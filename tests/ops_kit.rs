@@ -50,23 +50,38 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == ':'
 }
 
+/// Whether a scan of PromQL is inside a quoted string, escapes included.
+#[derive(Default)]
+struct Quotes {
+    inside: bool,
+    escaped: bool,
+}
+
+impl Quotes {
+    /// Takes the next character; whether it belongs to a quoted string (quotes included).
+    fn take(&mut self, c: char) -> bool {
+        if self.inside {
+            if self.escaped {
+                self.escaped = false;
+            } else if c == '\\' {
+                self.escaped = true;
+            } else if c == '"' {
+                self.inside = false;
+            }
+            true
+        } else {
+            self.inside = c == '"';
+            self.inside
+        }
+    }
+}
+
 /// The text inside the `{...}` that `rest` starts with (braces inside quoted values skipped).
 fn selector_body(rest: &str) -> Option<&str> {
     let body = rest.strip_prefix('{')?;
-    let mut in_quotes = false;
-    let mut escaped = false;
+    let mut quotes = Quotes::default();
     for (i, c) in body.char_indices() {
-        if in_quotes {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_quotes = false;
-            }
-        } else if c == '"' {
-            in_quotes = true;
-        } else if c == '}' {
+        if !quotes.take(c) && c == '}' {
             return Some(&body[..i]);
         }
     }
@@ -77,25 +92,15 @@ fn selector_body(rest: &str) -> Option<&str> {
 fn matcher_labels(body: &str) -> Vec<String> {
     let mut labels = Vec::new();
     let mut current = String::new();
-    let mut in_quotes = false;
-    let mut escaped = false;
+    let mut quotes = Quotes::default();
     for c in body.chars() {
-        if in_quotes {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_quotes = false;
-            }
+        if quotes.take(c) {
             continue;
         }
-        match c {
-            '"' => in_quotes = true,
-            ',' => {
-                labels.push(std::mem::take(&mut current));
-            }
-            _ => current.push(c),
+        if c == ',' {
+            labels.push(std::mem::take(&mut current));
+        } else {
+            current.push(c);
         }
     }
     labels.push(current);

@@ -1,25 +1,19 @@
 //! The producer service against a mock cluster per test, and the binary as a user runs it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{free_port, header, http_get, http_request, wait_ready, ChildProcess, TestKafka};
-use courier::app::producer::{start, ProducerOptions, RunningProducer};
+use courier::app::producer::RunningProducer;
+use courier::testing::{
+    courier_command, free_port, header, http_get, http_request, output_within, start_producer,
+    wait_ready, wait_status, Log, ServiceProcess, TestKafka,
+};
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
 const JSON: Option<&str> = Some("application/json");
 
 async fn producer(k: &TestKafka, extra: &[(&str, &str)]) -> (RunningProducer, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let running = start(
-        k.config(extra),
-        ProducerOptions::default(),
-        shutdown.clone(),
-    )
-    .await
-    .expect("producer starts");
+    let (running, shutdown) = start_producer(k.config(extra)).await;
     wait_ready(&format!("http://{}/readyz", running.ops_addr), T).await;
     (running, shutdown)
 }
@@ -77,22 +71,11 @@ async fn batches_and_allowed_topics() {
         resp["results"][1]["partition"], 1,
         "explicit partition honoured"
     );
-    let (status, _) = http_request(
-        "POST",
-        &format!("http://{}/v1/topics/{other}/events", p.http_addr),
-        JSON,
-        br#"{"type":"x"}"#,
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (status, _) = http_request(
-        "POST",
-        &format!("http://{}/v1/topics/not-allowed/events", p.http_addr),
-        JSON,
-        br#"{"type":"x"}"#,
-    )
-    .await;
-    assert_eq!(status, 404);
+    for (topic, want) in [(other.as_str(), 200), ("not-allowed", 404)] {
+        let url = format!("http://{}/v1/topics/{topic}/events", p.http_addr);
+        let (status, _) = http_request("POST", &url, JSON, br#"{"type":"x"}"#).await;
+        assert_eq!(status, want, "{topic}");
+    }
     let main = k.read_all(&k.source, 3, T);
     assert_eq!(main.len(), 3);
     let ids: Vec<String> = main
@@ -152,18 +135,8 @@ async fn broker_down_gives_503_quickly_and_recovers_without_restart() {
     let ready = format!("http://{}/readyz", p.ops_addr);
     assert_eq!(http_get(&ready).await.0, 200);
     k.broker.broker_down().unwrap();
-    let deadline = Instant::now() + T;
-    loop {
-        let status = http_get(&ready).await.0;
-        if status == 503 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz notices the outage within {T:?} (last: {status})"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    // /readyz notices the outage.
+    wait_status(&ready, 503, T).await;
     let started = Instant::now();
     let (status, body) = http_request("POST", &events_url(&p), JSON, br#"{"type":"t"}"#).await;
     assert_eq!(status, 503, "{body}");
@@ -187,10 +160,6 @@ async fn broker_down_gives_503_quickly_and_recovers_without_restart() {
     p.done.await.unwrap();
 }
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_courier")
-}
-
 #[test]
 fn config_errors_name_the_variable_and_exit_non_zero() {
     let cases = [
@@ -211,21 +180,16 @@ fn config_errors_name_the_variable_and_exit_non_zero() {
         ),
     ];
     for (var, value, want) in cases {
-        let out = std::process::Command::new(bin())
-            .arg("config")
-            .env(var, value)
-            .output()
-            .unwrap();
+        let out = output_within(courier_command(["config"]).env(var, value), T);
         assert!(!out.status.success(), "{var}={value} must fail");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(want), "{stderr}");
     }
-    let out = std::process::Command::new(bin())
-        .arg("config")
-        .env("KAFKA_SASL_PASSWORD", "s3cret")
-        .output()
-        .unwrap();
+    let out = output_within(
+        courier_command(["config"]).env("KAFKA_SASL_PASSWORD", "s3cret"),
+        T,
+    );
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -241,21 +205,19 @@ const LINGER: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_messages_still_pending_in_the_client() {
     let k = TestKafka::new(1);
-    let (http, ops) = (free_port(), free_port());
-    let mut child = ChildProcess::spawn(
-        std::process::Command::new(bin())
-            .arg("producer")
-            .envs(k.env(&[
-                ("HTTP_ADDR", &format!("127.0.0.1:{http}")),
-                ("OPS_ADDR", &format!("127.0.0.1:{ops}")),
-                ("KAFKA_PRODUCER_LINGER_MS", &LINGER.as_millis().to_string()),
-                ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
-                ("KAFKA_PRODUCER_FLUSH_TIMEOUT_MS", "15000"),
-                ("LOG_FORMAT", "pretty"),
-            ]))
-            .stderr(std::process::Stdio::null()),
+    let http = free_port();
+    let mut child = ServiceProcess::spawn(
+        "producer",
+        &k.service_env(&[
+            ("HTTP_ADDR", &format!("127.0.0.1:{http}")),
+            ("KAFKA_PRODUCER_LINGER_MS", &LINGER.as_millis().to_string()),
+            ("HTTP_REQUEST_TIMEOUT_MS", "1000"),
+            ("KAFKA_PRODUCER_FLUSH_TIMEOUT_MS", "15000"),
+            ("LOG_FORMAT", "pretty"),
+        ]),
+        Log::Null,
     );
-    wait_ready(&format!("http://127.0.0.1:{ops}/readyz"), T).await;
+    child.wait_ready(T).await;
     // The events reach the producer's client, which holds them for the linger: there is no
     // acknowledgement within the request timeout, so the request is answered 503 while
     // the messages are still queued in the client.

@@ -3,49 +3,20 @@
 //! rebalances, a record with a header name that is not UTF-8, a DLQ that does not exist,
 //! and a retry topic above `KAFKA_CONSUMER_RETRY_MAX`.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{header, http_get, wait_for, ScriptedProcessor, Step, TestKafka};
-use courier::app::consumer::{start, ConsumerOptions, RunningConsumer};
 use courier::app::dlq::{inspect, replay, FilterFlags, InspectOptions, ReplayOptions};
 use courier::model::*;
-use courier::service::pipeline::ConsumerSummary;
+use courier::testing::{
+    header, http_get, stop_consumer, wait_for, ScriptedProcessor, Step, TestKafka,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(40);
-
-async fn consumer(
-    k: &TestKafka,
-    p: &Arc<ScriptedProcessor>,
-    extra: &[(&str, &str)],
-) -> (RunningConsumer, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let running = start(
-        k.config(extra),
-        ConsumerOptions {
-            processor: Some(p.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .expect("consumer starts");
-    (running, shutdown)
-}
-
-async fn stop(running: RunningConsumer, shutdown: CancellationToken) -> ConsumerSummary {
-    shutdown.cancel();
-    tokio::time::timeout(T, running.done)
-        .await
-        .expect("consumer stops in time")
-        .expect("consumer task")
-}
 
 /// Another member of `group` that subscribes only to `topic`: joining makes the group
 /// rebalance, and with an eager strategy every member's partitions are revoked and then
@@ -95,14 +66,6 @@ impl Drop for Bystander {
     }
 }
 
-fn committed_to_end(k: &TestKafka, topic: &str) -> bool {
-    let ends = k.end_offsets(topic);
-    k.committed(topic)
-        .iter()
-        .zip(&ends)
-        .all(|(c, e)| *c == *e || (*e == 0 && *c < 0))
-}
-
 /// The one call of `id` that succeeded must have started at or after its due time.
 fn assert_once_and_never_early(p: &ScriptedProcessor, id: &str) {
     let calls = p.calls_for(id);
@@ -134,15 +97,15 @@ async fn a_waiting_retry_survives_its_partition_coming_back_to_the_same_member()
     k.broker.create_topic(&other, 1).expect("topic");
     let p = ScriptedProcessor::new();
     p.script("w", vec![Step::Retry("down"), Step::Ok]);
-    let (running, shutdown) = consumer(
-        &k,
-        &p,
-        &[
-            ("KAFKA_CONSUMER_ASSIGNMENT_STRATEGY", "range"),
-            ("KAFKA_RETRY_BACKOFF", "8s"),
-        ],
-    )
-    .await;
+    let (running, shutdown) = k
+        .consumer(
+            p.clone(),
+            &[
+                ("KAFKA_CONSUMER_ASSIGNMENT_STRATEGY", "range"),
+                ("KAFKA_RETRY_BACKOFF", "8s"),
+            ],
+        )
+        .await;
     let m = running.metrics.clone();
     k.produce(
         &k.source,
@@ -173,7 +136,7 @@ async fn a_waiting_retry_survives_its_partition_coming_back_to_the_same_member()
     })
     .await;
     assert_once_and_never_early(&p, "w");
-    let summary = stop(running, shutdown).await;
+    let summary = stop_consumer(running, shutdown, T).await;
     drop(bystander);
     assert_eq!(summary.values().map(|s| s.ok).sum::<u64>(), 1);
     k.assert_committed_to_end(&k.source);
@@ -194,7 +157,7 @@ async fn a_waiting_retry_is_processed_once_by_whichever_member_owns_it() {
         ids.push(id);
     }
     let env = [("KAFKA_RETRY_BACKOFF", "6s")];
-    let (a, a_stop) = consumer(&k, &p, &env).await;
+    let (a, a_stop) = k.consumer(p.clone(), &env).await;
     let msgs = ids
         .iter()
         .map(|id| {
@@ -211,7 +174,7 @@ async fn a_waiting_retry_is_processed_once_by_whichever_member_owns_it() {
         am.paused_partitions.get() >= 1
     })
     .await;
-    let (b, b_stop) = consumer(&k, &p, &env).await;
+    let (b, b_stop) = k.consumer(p.clone(), &env).await;
     let bm = b.metrics.clone();
     wait_for("B owns some partitions", T, || {
         bm.assigned_partitions.get() > 0
@@ -234,11 +197,11 @@ async fn a_waiting_retry_is_processed_once_by_whichever_member_owns_it() {
     // No partition is stuck: the group commits every one to its end while both run (a
     // commit racing a member's departure may fail and be repeated by the next owner).
     wait_for("every partition committed to its end", T, || {
-        committed_to_end(&k, &k.source) && committed_to_end(&k, &k.retry_topic(1))
+        k.committed_to_end(&k.source) && k.committed_to_end(&k.retry_topic(1))
     })
     .await;
-    stop(b, b_stop).await;
-    stop(a, a_stop).await;
+    stop_consumer(b, b_stop, T).await;
+    stop_consumer(a, a_stop, T).await;
 }
 
 /// Issue 8, point 3: one record whose header name is not UTF-8 used to panic the consumer
@@ -270,7 +233,7 @@ async fn a_header_name_that_is_not_utf8_is_kept_byte_for_byte() {
         vec![poison("poison-ok"), poison("poison-fatal"), plain],
     )
     .await;
-    let (running, shutdown) = consumer(&k, &p, &[]).await;
+    let (running, shutdown) = k.consumer(p.clone(), &[]).await;
     wait_for("all three handled", T, || p.calls() >= 3).await;
     let seen = p.calls_for("poison-ok");
     assert_eq!(seen.len(), 1);
@@ -291,7 +254,7 @@ async fn a_header_name_that_is_not_utf8_is_kept_byte_for_byte() {
         Some(b"v\xfe".as_slice()),
         "forwarded to the DLQ byte for byte"
     );
-    stop(running, shutdown).await;
+    stop_consumer(running, shutdown, T).await;
     k.assert_committed_to_end(&k.source);
 
     let config = k.config(&[]);
@@ -327,16 +290,16 @@ async fn a_missing_dlq_holds_visibly_and_recovers_once_created() {
     let dlq = format!("{}-missing", k.dlq);
     let p = ScriptedProcessor::new();
     p.script("bad", vec![Step::Fatal("scripted")]);
-    let (running, shutdown) = consumer(
-        &k,
-        &p,
-        &[
-            ("KAFKA_DLQ_TOPIC", dlq.as_str()),
-            ("RDKAFKA_ALLOW_AUTO_CREATE_TOPICS", "false"),
-            ("RDKAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS", "500"),
-        ],
-    )
-    .await;
+    let (running, shutdown) = k
+        .consumer(
+            p.clone(),
+            &[
+                ("KAFKA_DLQ_TOPIC", dlq.as_str()),
+                ("RDKAFKA_ALLOW_AUTO_CREATE_TOPICS", "false"),
+                ("RDKAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS", "500"),
+            ],
+        )
+        .await;
     let msg = |id: &str| {
         (
             None,
@@ -373,7 +336,7 @@ async fn a_missing_dlq_holds_visibly_and_recovers_once_created() {
     .await;
     let dead = k.read_all(&dlq, 1, T);
     assert_eq!(dead[0].message_id(), Some("bad"));
-    stop(running, shutdown).await;
+    stop_consumer(running, shutdown, T).await;
     k.assert_committed_to_end(&k.source);
 }
 
@@ -394,7 +357,9 @@ async fn retry_topics_above_the_maximum_are_not_stranded() {
     // retry-3 exists; the consumer is told there is only one level.
     k.produce(&k.retry_topic(3), vec![msg("high-ok"), msg("high-fail")])
         .await;
-    let (running, shutdown) = consumer(&k, &p, &[("KAFKA_CONSUMER_RETRY_MAX", "1")]).await;
+    let (running, shutdown) = k
+        .consumer(p.clone(), &[("KAFKA_CONSUMER_RETRY_MAX", "1")])
+        .await;
     wait_for("both consumed", T, || p.calls() >= 2).await;
     let dlq = k.read_all(&k.dlq, 1, T);
     assert_eq!(dlq[0].message_id(), Some("high-fail"));
@@ -402,6 +367,6 @@ async fn retry_topics_above_the_maximum_are_not_stranded() {
         header(&dlq[0], HEADER_ERROR_KIND).as_deref(),
         Some("exhausted")
     );
-    stop(running, shutdown).await;
+    stop_consumer(running, shutdown, T).await;
     k.assert_committed_to_end(&k.retry_topic(3));
 }

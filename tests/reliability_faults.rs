@@ -6,19 +6,20 @@
 //! The three tests run one at a time (they measure time and memory of this process).
 //! Each prints a `RELIABILITY ...` line with its figures for RELIABILITY.md.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::{http_get, http_request, ScriptedProcessor, Step, TestKafka};
-use courier::app::consumer::{self, ConsumerOptions, RunningConsumer};
-use courier::app::producer::{self, ProducerOptions, RunningProducer};
+use courier::app::consumer::RunningConsumer;
+use courier::app::producer::RunningProducer;
 use courier::model::Delivery;
 use courier::service::{ProcessError, Processor};
+use courier::testing::{
+    eventually, eventually_async, http_get, http_request, metric_sum, probe, proc_status_kib,
+    start_consumer, start_producer, ScriptedProcessor, Step, TestKafka,
+};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -36,25 +37,8 @@ struct Services {
 
 impl Services {
     async fn start(k: &TestKafka, processor: Arc<dyn Processor>, extra: &[(&str, &str)]) -> Self {
-        let stop_producer = CancellationToken::new();
-        let stop_consumer = CancellationToken::new();
-        let producer = producer::start(
-            k.config(extra),
-            ProducerOptions::default(),
-            stop_producer.clone(),
-        )
-        .await
-        .expect("producer starts");
-        let consumer = consumer::start(
-            k.config(extra),
-            ConsumerOptions {
-                processor: Some(processor),
-                metrics: None,
-            },
-            stop_consumer.clone(),
-        )
-        .await
-        .expect("consumer starts");
+        let (producer, stop_producer) = start_producer(k.config(extra)).await;
+        let (consumer, stop_consumer) = start_consumer(k.config(extra), processor).await;
         let s = Services {
             producer,
             consumer,
@@ -113,21 +97,6 @@ impl Services {
             .expect("consumer task");
         (producer_metrics, consumer_metrics)
     }
-}
-
-/// A GET's status, 0 if it did not answer within 2 s.
-async fn probe(url: &str) -> u16 {
-    tokio::time::timeout(Duration::from_secs(2), http_get(url))
-        .await
-        .map_or(0, |r| r.0)
-}
-
-/// The sum of a counter's series whose line starts with `prefix`.
-fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
 }
 
 /// One answered (or timed-out) ingest request.
@@ -195,50 +164,6 @@ fn spawn_load(
             })
         })
         .collect()
-}
-
-/// Waits for `cond` up to `timeout`; returns whether it held.
-async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// [`eventually`] with an async condition.
-async fn eventually_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Whether the group committed every partition of `topic` to its end (an empty partition
-/// needs no commit); false too when the broker does not answer in time.
-fn committed_to_end(k: &TestKafka, topic: &str) -> bool {
-    let (Some(committed), Some(ends)) = (k.try_committed(topic), k.try_end_offsets(topic)) else {
-        return false;
-    };
-    committed
-        .iter()
-        .zip(&ends)
-        .all(|(c, e)| *c == *e || (*e == 0 && *c < 0))
 }
 
 /// Polls (producer, consumer) /readyz until `want` for both, up to `timeout`; returns how
@@ -381,8 +306,12 @@ async fn broker_outage_of_10s_mid_stream_loses_nothing() {
         ready_after.map(|d| d.as_millis()),
         resumed_after.as_millis(),
         dlq.len(),
-        metric_sum(&producer_metrics, "courier_publish_failures_total"),
-        metric_sum(&consumer_metrics, "courier_commits_total{result=\"error\"}"),
+        metric_sum(&producer_metrics, "courier_publish_failures_total", &[]),
+        metric_sum(
+            &consumer_metrics,
+            "courier_commits_total",
+            &["result=\"error\""]
+        ),
     );
 
     assert!(ok_before > 0, "the stream flowed before the outage");
@@ -495,7 +424,7 @@ async fn slow_broker_degrades_throughput_but_nothing_fails() {
                 let k = &k;
                 let topics = &topics;
                 async move {
-                    tokio::task::block_in_place(|| topics.iter().all(|t| committed_to_end(k, t)))
+                    tokio::task::block_in_place(|| topics.iter().all(|t| k.committed_to_end(t)))
                 }
             })
             .await;
@@ -514,15 +443,16 @@ async fn slow_broker_degrades_throughput_but_nothing_fails() {
         .broker_round_trip_time(1, Duration::ZERO)
         .unwrap();
     let (producer_metrics, consumer_metrics) = s.stop().await;
-    let failures = metric_sum(&producer_metrics, "courier_publish_failures_total")
-        + metric_sum(&consumer_metrics, "courier_publish_failures_total");
+    let failures = metric_sum(&producer_metrics, "courier_publish_failures_total", &[])
+        + metric_sum(&consumer_metrics, "courier_publish_failures_total", &[]);
     let dlq = k.read_all(&k.dlq, 0, Duration::from_millis(500)).len();
     println!(
         "RELIABILITY slow-broker: {} publish_failures={failures} dlq={dlq} retries={}",
         figures.join(" | "),
         metric_sum(
             &consumer_metrics,
-            "courier_messages_processed_total{outcome=\"retry\""
+            "courier_messages_processed_total",
+            &["outcome=\"retry\""]
         )
     );
     let bad: Vec<_> = all_answers.iter().filter(|a| a.1 != 200).collect();
@@ -574,20 +504,6 @@ impl Processor for Counting {
         self.calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
-}
-
-fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -673,9 +589,9 @@ async fn soak_keeps_in_flight_memory_and_lag_bounded() {
         let text = metrics.render();
         samples.push(Sample {
             in_flight: metrics.in_flight.get(),
-            rss_kb: rss_kb(),
+            rss_kb: proc_status_kib("self", "VmRSS").unwrap_or(0),
             lag: accepted as i64 - proc.calls.load(Ordering::Relaxed) as i64,
-            kafka_lag: metric_sum(&text, "courier_consumer_lag{") as i64,
+            kafka_lag: metric_sum(&text, "courier_consumer_lag", &[]) as i64,
         });
     }
     stop_load.cancel();
@@ -734,8 +650,8 @@ async fn soak_keeps_in_flight_memory_and_lag_bounded() {
         accepted.len() as f64 / started.elapsed().as_secs_f64(),
         rss_first as f64 / 1024.0,
         rss_last as f64 / 1024.0,
-        metric_sum(&producer_metrics, "courier_publish_failures_total")
-            + metric_sum(&consumer_metrics, "courier_publish_failures_total"),
+        metric_sum(&producer_metrics, "courier_publish_failures_total", &[])
+            + metric_sum(&consumer_metrics, "courier_publish_failures_total", &[]),
     );
     assert!(!accepted.is_empty(), "the load flowed");
     assert!(
@@ -794,17 +710,17 @@ async fn retry_chain_under_cpu_contention_loses_nothing() {
     for id in &ids {
         p.script(id, vec![Step::Retry("once"), Step::Ok]);
     }
-    let stop = CancellationToken::new();
-    let running = consumer::start(
-        k.config(&[("KAFKA_RETRY_BACKOFF", "100ms")]),
-        ConsumerOptions {
-            processor: Some(p.clone()),
-            metrics: None,
-        },
-        stop.clone(),
+    // Every first attempt fails: to the circuit breaker that is an endpoint failing 100% of
+    // calls, and it would rightly hold the stream. This test is about the retry chain, so
+    // the breaker is off (tests/circuit.rs covers it).
+    let (running, stop) = start_consumer(
+        k.config(&[
+            ("KAFKA_RETRY_BACKOFF", "100ms"),
+            ("PROCESSOR_CIRCUIT", "off"),
+        ]),
+        p.clone(),
     )
-    .await
-    .expect("consumer starts");
+    .await;
     let started = Instant::now();
     for chunk in ids.chunks(40) {
         let msgs = chunk

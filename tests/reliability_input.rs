@@ -10,28 +10,23 @@
 //!
 //! `COURIER_FUZZ_SEED` replays a run of the seeded generators (the seed is printed).
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::{http_get, TestKafka};
-use courier::app::consumer::{self, ConsumerOptions};
-use courier::app::producer::{self, ProducerOptions};
 use courier::config::parse_duration;
-use courier::model::{CourierHeaders, Delivery, Envelope, HeaderKey, Headers};
+use courier::model::{CourierHeaders, Delivery, Envelope, HeaderKey, Headers, OutgoingRecord};
 use courier::service::builtin::LogProcessor;
 use courier::service::{ProcessError, Processor};
+use courier::testing::{
+    eventually, header, http_request, start_consumer, start_producer, wait_ready, TestKafka,
+};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -45,72 +40,6 @@ fn seed() -> u64 {
 // ---------------------------------------------------------------------------------------
 // The ingest API
 // ---------------------------------------------------------------------------------------
-
-/// A POST over loopback that tolerates the server answering before it read the whole body
-/// (as it does for a body over the limit) and closing: (status, body). Status 0 means no
-/// answer at all.
-async fn raw_post(url: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").expect("http URL");
-    let (host, path) = rest
-        .split_once('/')
-        .map(|(h, p)| (h, format!("/{p}")))
-        .unwrap_or((rest, "/".into()));
-    let mut stream = tokio::net::TcpStream::connect(host).await.expect("connect");
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    head.push_str("\r\n");
-    let (mut rd, mut wr) = stream.split();
-    let write = async {
-        let _ = wr.write_all(head.as_bytes()).await;
-        let _ = wr.write_all(body).await;
-    };
-    let mut buf = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    futures::join!(write, read);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
 
 /// One malformed request and the status it must get (`None`: any 4xx).
 struct Case {
@@ -461,16 +390,8 @@ async fn ingest_fuzz_always_4xx_json_and_publishes_nothing() {
     println!("ingest fuzz seed={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let k = TestKafka::new(1);
-    let shutdown = CancellationToken::new();
-    let p = producer::start(k.config(&[]), ProducerOptions::default(), shutdown.clone())
-        .await
-        .expect("producer starts");
-    let ready = format!("http://{}/readyz", p.ops_addr);
-    let deadline = Instant::now() + T;
-    while http_get(&ready).await.0 != 200 {
-        assert!(Instant::now() < deadline, "producer ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (p, shutdown) = start_producer(k.config(&[])).await;
+    wait_ready(&format!("http://{}/readyz", p.ops_addr), T).await;
     let urls = [
         format!("http://{}/v1/events", p.http_addr),
         format!("http://{}/v1/topics/{}/events", p.http_addr, k.source),
@@ -481,9 +402,10 @@ async fn ingest_fuzz_always_4xx_json_and_publishes_nothing() {
     let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
     for (i, c) in cases.iter().enumerate() {
         let url = &urls[i % 2];
-        let (status, body) = tokio::time::timeout(T, raw_post(url, c.content_type, &c.body))
-            .await
-            .unwrap_or((0, String::new()));
+        let (status, body) =
+            tokio::time::timeout(T, http_request("POST", url, c.content_type, &c.body))
+                .await
+                .unwrap_or((0, String::new()));
         *by_status.entry(status).or_default() += 1;
         let json_error = serde_json::from_str::<Value>(&body)
             .ok()
@@ -506,7 +428,7 @@ async fn ingest_fuzz_always_4xx_json_and_publishes_nothing() {
     for (i, method) in ["GET", "PUT", "DELETE", "PATCH"].iter().enumerate() {
         let url = &urls[i % 2];
         let (status, body) =
-            common::http_request(method, url, Some("application/json"), br#"{"type":"t"}"#).await;
+            http_request(method, url, Some("application/json"), br#"{"type":"t"}"#).await;
         *by_status.entry(status).or_default() += 1;
         let json_error = serde_json::from_str::<Value>(&body)
             .ok()
@@ -517,7 +439,13 @@ async fn ingest_fuzz_always_4xx_json_and_publishes_nothing() {
     }
     let ends = k.end_offsets(&k.source);
     // The API still works after all that.
-    let (status, body) = raw_post(&urls[0], Some("application/json"), br#"{"type":"after"}"#).await;
+    let (status, body) = http_request(
+        "POST",
+        &urls[0],
+        Some("application/json"),
+        br#"{"type":"after"}"#,
+    )
+    .await;
     shutdown.cancel();
     let _ = p.done.await;
     println!(
@@ -546,6 +474,15 @@ async fn ingest_fuzz_always_4xx_json_and_publishes_nothing() {
 struct Recording {
     ok: Mutex<HashSet<u64>>,
     calls: Mutex<usize>,
+}
+
+impl Recording {
+    fn new() -> Arc<Recording> {
+        Arc::new(Recording {
+            ok: Mutex::new(HashSet::new()),
+            calls: Mutex::new(0),
+        })
+    }
 }
 
 fn fuzz_seq(d: &Delivery) -> Option<u64> {
@@ -747,30 +684,20 @@ fn consumer_cases(k: &TestKafka, rng: &mut StdRng, random: usize) -> Vec<Msg> {
 
 /// Produces `msgs` with a producer that allows 1 MiB records (the Java client's default
 /// `max.request.size`, so the consumer sees what other clients may write).
-async fn produce_raw(bootstrap: &str, msgs: &[Msg]) {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("message.max.bytes", "1048576")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    let futs = msgs.iter().map(|(topic, key, payload, headers)| {
-        let p = p.clone();
-        async move {
-            let hs = courier::transport::headers::write(headers);
-            let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(hs);
-            if let Some(k) = key {
-                r = r.key(k.as_slice());
-            }
-            if let Some(v) = payload {
-                r = r.payload(v.as_slice());
-            }
-            p.send(r, Duration::from_secs(20))
-                .await
-                .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
-        }
-    });
-    futures::future::join_all(futs).await;
+async fn produce_raw(k: &TestKafka, msgs: &[Msg]) {
+    let p = k
+        .kafka()
+        .producer(&[("message.max.bytes", "1048576"), ("linger.ms", "5")]);
+    let records = msgs
+        .iter()
+        .map(|(topic, key, payload, headers)| OutgoingRecord {
+            topic: topic.clone(),
+            partition: None,
+            key: key.clone(),
+            payload: payload.clone(),
+            headers: headers.clone(),
+        });
+    p.send_all(records).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -780,45 +707,16 @@ async fn consumer_garbage_ends_processed_or_dead_lettered_and_nothing_sticks() {
     let mut rng = StdRng::seed_from_u64(seed);
     let k = TestKafka::new(2);
     let msgs = consumer_cases(&k, &mut rng, 200);
-    produce_raw(&k.bootstrap(), &msgs).await;
-    let rec = Arc::new(Recording {
-        ok: Mutex::new(HashSet::new()),
-        calls: Mutex::new(0),
-    });
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(
-        k.config(&[]),
-        ConsumerOptions {
-            processor: Some(rec.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .expect("consumer starts");
-    let topics: Vec<String> = std::iter::once(k.source.clone())
-        .chain((1..=3).map(|n| k.retry_topic(n)))
-        .collect();
-    let ends: Vec<Vec<i64>> = topics.iter().map(|t| k.end_offsets(t)).collect();
+    produce_raw(&k, &msgs).await;
+    let rec = Recording::new();
+    let (running, shutdown) = start_consumer(k.config(&[]), rec.clone()).await;
+    let topics = k.consumed_topics();
     let started = Instant::now();
     let mut stuck: Vec<String>;
     // Every partition of the source and retry topics committed to its end, within a deadline.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (kk, ts) = (&k, &topics);
-        stuck = ts
-            .iter()
-            .zip(&ends)
-            .filter_map(|(t, e)| {
-                let c: Vec<i64> = kk
-                    .committed(t)
-                    .into_iter()
-                    .zip(e)
-                    .map(|(c, e)| if *e == 0 && c < 0 { 0 } else { c })
-                    .collect();
-                (c != *e).then(|| format!("{t}: committed {c:?}, end {e:?}"))
-            })
-            .collect::<Vec<_>>();
+        stuck = k.kafka().not_committed_to_end(&k.group, &topics);
         if stuck.is_empty() || Instant::now() > deadline {
             break;
         }
@@ -836,7 +734,7 @@ async fn consumer_garbage_ends_processed_or_dead_lettered_and_nothing_sticks() {
         .iter()
         .filter(|d| {
             !matches!(
-                common::header(d, "courier-error-kind").as_deref(),
+                header(d, "courier-error-kind").as_deref(),
                 Some("fatal" | "exhausted")
             ) || d.header("courier-attempt").is_none()
         })
@@ -853,18 +751,7 @@ async fn consumer_garbage_ends_processed_or_dead_lettered_and_nothing_sticks() {
         )],
     )
     .await;
-    let alive = {
-        let deadline = Instant::now() + T;
-        loop {
-            if rec.ok.lock().contains(&999_999) {
-                break true;
-            }
-            if Instant::now() > deadline {
-                break false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let alive = eventually(T, || rec.ok.lock().contains(&999_999)).await;
     shutdown.cancel();
     let summary = tokio::time::timeout(T, running.done).await;
     println!(
@@ -939,22 +826,9 @@ async fn consumer_record_near_1_mib_is_dead_lettered_not_stuck() {
             ],
         ));
     }
-    produce_raw(&k.bootstrap(), &msgs).await;
-    let rec = Arc::new(Recording {
-        ok: Mutex::new(HashSet::new()),
-        calls: Mutex::new(0),
-    });
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(
-        k.config(&[]),
-        ConsumerOptions {
-            processor: Some(rec.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .expect("consumer starts");
+    produce_raw(&k, &msgs).await;
+    let rec = Recording::new();
+    let (running, shutdown) = start_consumer(k.config(&[]), rec.clone()).await;
     // Generous: the 1 MiB publish takes well under a second when it works.
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut dlq = Vec::new();

@@ -1,7 +1,7 @@
-//! Shared helpers of courier's benchmarks (`cargo bench`, harness = false): the in-memory
-//! broker and its topics, courier configurations against it, backlog production, progress
-//! tracking, CPU/RSS sampling and the printed table; [`http`] holds a plain HTTP/1.1
-//! keep-alive client for the load generator.
+//! Shared helpers of courier's benchmarks (`cargo bench`, harness = false): topics on the
+//! in-memory broker and courier configurations against it (through `courier::testing`, as
+//! the tests get theirs), backlog production, progress tracking, CPU/RSS sampling and the
+//! printed table; [`http`] holds a plain HTTP/1.1 keep-alive client for the load generator.
 //!
 //! Every figure is measured in the same run as its baseline, so results are reported as
 //! ratios. Smoke mode (`COURIER_BENCH_SMOKE=1` or `--smoke`) runs every scenario on a few
@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use courier::config::Config;
+use courier::testing::env::BENCH;
+use courier::testing::{unique, Kafka, Names, ServiceEnv};
 use courier::transport::DevBroker;
 use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -29,8 +30,6 @@ pub mod http;
 pub const PARTITIONS: i32 = 12;
 /// Size of every benchmark payload, bytes.
 pub const PAYLOAD_BYTES: usize = 100;
-/// Retry levels courier is configured with (its default).
-pub const RETRY_LEVELS: u32 = 3;
 
 /// Whether this is a smoke run: `COURIER_BENCH_SMOKE=1` or a `--smoke` argument.
 pub fn smoke() -> bool {
@@ -45,14 +44,6 @@ pub fn size(full: u64, smoke_size: u64) -> u64 {
     } else {
         full
     }
-}
-
-/// A unique name: `prefix` and a random suffix.
-pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
 }
 
 /// The 1-minute load average, as printed in the table.
@@ -131,82 +122,35 @@ pub fn mib(bytes: Option<u64>) -> String {
 
 /// The resident set size of process `pid` (`"self"` for this one), KiB.
 pub fn rss_kib(pid: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    courier::testing::proc_status_kib(pid, "VmRSS")
 }
 
-/// One source topic with its retry chain and DLQ, all with [`PARTITIONS`] partitions.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    /// The source topic.
-    pub source: String,
-    /// Retry topics are `{prefix}-1..3`.
-    pub prefix: String,
-    /// The dead-letter topic.
-    pub dlq: String,
+/// A fresh source topic `{stem}-{id}` with its retry chain and DLQ on `broker`, all with
+/// [`PARTITIONS`] partitions.
+///
+/// # Errors
+/// When the mock cluster refuses a topic.
+pub fn create_topics(broker: &DevBroker, stem: &str) -> anyhow::Result<Names> {
+    let names = Names::new(stem);
+    names
+        .create_on(broker, PARTITIONS)
+        .with_context(|| format!("creating the topics of {}", names.source))?;
+    Ok(names)
 }
 
-impl Topics {
-    /// Creates a fresh set of topics on `broker`.
-    ///
-    /// # Errors
-    /// When the mock cluster refuses a topic.
-    pub fn create(broker: &DevBroker, name: &str) -> anyhow::Result<Topics> {
-        let source = unique(name);
-        let t = Topics {
-            prefix: format!("{source}-retry"),
-            dlq: format!("{source}-dlq"),
-            source,
-        };
-        let mut all = vec![t.source.clone(), t.dlq.clone()];
-        all.extend((1..=RETRY_LEVELS).map(|n| format!("{}-{n}", t.prefix)));
-        for topic in all {
-            broker
-                .create_topic(&topic, PARTITIONS)
-                .with_context(|| format!("creating topic {topic}"))?;
-        }
-        Ok(t)
-    }
-}
-
-/// The environment of a courier service against `bootstrap` and `topics`, with quick
-/// health probes and ports chosen by the OS; `extra` adds or overrides variables.
-pub fn env(bootstrap: &str, topics: &Topics, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let group = unique("courier");
-    let mut env: Vec<(String, String)> = [
-        ("KAFKA_BROKERS", bootstrap),
-        ("KAFKA_CONSUMER_TOPICS", &topics.source),
-        ("KAFKA_PRODUCER_TOPIC", &topics.source),
-        ("KAFKA_CONSUMER_GROUP_ID", &group),
-        ("KAFKA_RETRY_TOPIC_PREFIX", &topics.prefix),
-        ("KAFKA_DLQ_TOPIC", &topics.dlq),
-        ("HTTP_ADDR", "127.0.0.1:0"),
-        ("OPS_ADDR", "127.0.0.1:0"),
-        ("HEALTH_PROBE_INTERVAL_MS", "500"),
-        ("RDKAFKA_SESSION_TIMEOUT_MS", "6000"),
-        ("RDKAFKA_HEARTBEAT_INTERVAL_MS", "500"),
-        ("LOG_LEVEL", "warn"),
-    ]
-    .iter()
-    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-    .collect();
-    for (k, v) in extra {
-        env.retain(|(ek, _)| ek != k);
-        env.push(((*k).to_owned(), (*v).to_owned()));
-    }
-    env
-}
-
-/// A validated courier configuration from [`env`].
+/// A validated courier configuration against `bootstrap` and `topics`: the benchmark
+/// preset, a consumer group of its own (every scenario reads the backlog from its start),
+/// and `extra` over them.
 ///
 /// # Errors
 /// When the configuration is invalid.
-pub fn config(bootstrap: &str, topics: &Topics, extra: &[(&str, &str)]) -> anyhow::Result<Config> {
-    Config::load_from(None, &env(bootstrap, topics, extra)).map_err(|e| anyhow::anyhow!("{e}"))
+pub fn config(bootstrap: &str, topics: &Names, extra: &[(&str, &str)]) -> anyhow::Result<Config> {
+    ServiceEnv::against(bootstrap, topics)
+        .set("KAFKA_CONSUMER_GROUP_ID", unique("courier"))
+        .with(BENCH)
+        .with(extra)
+        .try_config()
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// A JSON object of exactly [`PAYLOAD_BYTES`] bytes with string `id` and `type` (what the
@@ -292,18 +236,13 @@ pub fn check_delivery(
 /// # Errors
 /// When the watermarks cannot be read.
 pub fn retained(bootstrap: &str, topic: &str) -> anyhow::Result<u64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("watermark reader")?;
-    let mut total = 0;
-    for p in 0..PARTITIONS {
-        let (low, high) = c
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .with_context(|| format!("watermarks of {topic}/{p}"))?;
-        total += (high - low).max(0) as u64;
-    }
-    Ok(total)
+    let watermarks = Kafka::new(bootstrap, PARTITIONS)
+        .watermarks(topic)
+        .with_context(|| format!("watermarks of {topic}"))?;
+    Ok(watermarks
+        .iter()
+        .map(|(low, high)| (high - low).max(0) as u64)
+        .sum())
 }
 
 /// Counts finished messages, and when the first started and the last (the `expected`-th)
@@ -452,6 +391,23 @@ pub async fn run_courier_consumer(
     shutdown.cancel();
     running.done.await.context("the consumer task panicked")?;
     waited.map(|()| sent)
+}
+
+/// Runs a benchmark's `run` on a multi-threaded runtime and says how long it took.
+///
+/// # Errors
+/// When the runtime cannot start or `run` fails.
+pub fn main_with(
+    name: &str,
+    run: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let t = Instant::now();
+    rt.block_on(run)?;
+    eprintln!("{name} finished in {:.1} s", t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// The `p`-th percentile (0..=100) of sorted `values`.
