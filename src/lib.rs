@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod model;
 pub mod observability;
+pub mod otel;
 pub mod service;
 pub mod transport;
