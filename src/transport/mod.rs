@@ -9,6 +9,7 @@ pub mod dev_broker;
 pub mod dlq;
 pub mod headers;
 pub mod health;
+pub mod offset_reset;
 pub mod publisher;
 pub mod settings;
 
