@@ -491,6 +491,72 @@ mod tests {
         );
     }
 
+    /// A `Write` into a shared buffer, for capturing log output.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn message_log_lines_carry_the_trace_id() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let traced = Delivery {
+            topic: "ev".into(),
+            partition: 1,
+            offset: 7,
+            key: None,
+            payload: None,
+            headers: vec![
+                ("message-id".into(), Some(b"m-1".to_vec())),
+                (
+                    "traceparent".into(),
+                    Some(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_vec()),
+                ),
+            ],
+            timestamp_ms: None,
+        };
+        let at = At::of(&traced);
+        assert_eq!(at.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let m = Metrics::new();
+        m.emit(SentToDlq {
+            at,
+            attempt: 1,
+            dlq_topic: "dlq",
+            error_kind: "fatal",
+            error: "bad",
+        });
+        m.emit(ForeignRetrySkipped(at));
+        m.emit(DueTimeBeyondHorizon { at, due_at_ms: 1 });
+        let out = String::from_utf8(captured.0.lock().clone()).unwrap();
+        assert_eq!(out.lines().count(), 3, "{out}");
+        for line in out.lines() {
+            assert!(
+                line.contains(r#""trace_id":"4bf92f3577b34da6a3ce929d0e0e4736""#),
+                "{line}"
+            );
+        }
+        let untraced = Delivery {
+            headers: vec![("traceparent".into(), Some(b"garbage".to_vec()))],
+            ..traced
+        };
+        assert_eq!(At::of(&untraced).trace_id, "");
+    }
+
     #[test]
     fn pipeline_state_sets_only_what_it_names() {
         let m = Metrics::new();
