@@ -86,7 +86,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         CancellationToken::new()
     };
-    match command {
+    // Spans (the `otel` feature) come from the services only.
+    let traced = matches!(
+        command,
+        Command::Producer(_) | Command::Consumer(_) | Command::Demo(_)
+    );
+    if traced {
+        if let Err(e) = crate::otel::init() {
+            tracing::warn!(error = %e, "OpenTelemetry: spans are not exported.");
+        }
+    }
+    let result = match command {
         Command::Producer(args) => app::producer::run(config, args, shutdown).await,
         Command::Consumer(args) => app::consumer::run(config, args, shutdown).await,
         Command::Topics(args) => app::topics::run(config, args, shutdown).await,
@@ -94,5 +104,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(args) => app::config::run(config, args, shutdown).await,
         Command::Demo(args) => app::demo::run(config, args, shutdown).await,
         Command::Dlq(args) => app::dlq::run(config, args, shutdown).await,
+    };
+    if traced {
+        crate::otel::shutdown().await;
     }
+    result
 }

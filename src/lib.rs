@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod model;
 pub mod observability;
+pub mod otel;
 pub mod service;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;

@@ -138,7 +138,8 @@ async fn ingest(s: &IngestState, topic: &str, headers: &HeaderMap, body: Body) -
         Err(e) => return e.into_response(),
     };
     let deadline = s.cfg.request_timeout;
-    let results = publish_batch(&s.publisher, topic, &envelopes, deadline, &s.ledger).await;
+    let trace = request::trace_context(headers);
+    let results = publish_batch(&s.publisher, topic, &envelopes, &trace, deadline, &s.ledger).await;
     batch_answer(topic, &envelopes, &results)
 }
 

@@ -8,6 +8,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use serde_json::Value;
 
 use super::response::{error, ApiError};
+use crate::model::{TraceContext, HEADER_TRACEPARENT, HEADER_TRACESTATE};
+
+/// The request's W3C trace context: its `traceparent` (with `tracestate`) when valid, else
+/// a new trace (a malformed `traceparent` is ignored, as the recommendation asks).
+pub(super) fn trace_context(headers: &HeaderMap) -> TraceContext {
+    let value = |name: &str| headers.get(name).map(|v| v.as_bytes());
+    TraceContext::from_values(value(HEADER_TRACEPARENT), value(HEADER_TRACESTATE))
+        .unwrap_or_else(TraceContext::new_root)
+}
 
 /// `Content-Type` must be `application/json` or `application/*+json` (parameters allowed).
 pub(super) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {

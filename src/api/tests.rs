@@ -288,3 +288,105 @@ async fn a_failed_event_makes_503_and_names_it() {
     assert_eq!(json["details"][0]["offset"], 1);
     assert_eq!(json["details"][1]["reason"], "queue_full");
 }
+
+/// Posts `body` with extra request headers and returns the records published.
+async fn published_with(
+    headers: &[(&str, &str)],
+    ct: &str,
+    body: &str,
+) -> Vec<crate::model::OutgoingRecord> {
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let mut p = MockPublisher::new();
+    p.expect_publish().returning(move |r| {
+        sink.lock().push(r);
+        Ok(Ack {
+            partition: 0,
+            offset: 0,
+        })
+    });
+    let mut req = Request::post("/v1/events").header("content-type", ct);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app(p, true)
+        .oneshot(req.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let out = seen.lock().clone();
+    out
+}
+
+#[tokio::test]
+async fn the_request_trace_context_goes_on_every_record_else_a_new_trace() {
+    use crate::model::{TraceContext, HEADER_TRACESTATE};
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let batch = "[{\"type\":\"a\"},{\"type\":\"b\"}]";
+    let given = published_with(
+        &[("traceparent", PARENT), ("tracestate", "congo=t61rcWkgMzE")],
+        "application/json",
+        batch,
+    )
+    .await;
+    assert_eq!(given.len(), 2);
+    for r in &given {
+        let t = TraceContext::from_headers(&r.headers).unwrap();
+        assert_eq!(t.parent.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            crate::model::header_value(&r.headers, HEADER_TRACESTATE),
+            Some(&b"congo=t61rcWkgMzE"[..])
+        );
+    }
+    // A malformed traceparent is ignored (with its tracestate): a new trace, one per request.
+    for headers in [
+        &[
+            ("traceparent", "00-zz-00f067aa0ba902b7-01"),
+            ("tracestate", "a=b"),
+        ][..],
+        &[][..],
+    ] {
+        let fresh = published_with(headers, "application/json", batch).await;
+        let ids: Vec<u128> = fresh
+            .iter()
+            .map(|r| {
+                TraceContext::from_headers(&r.headers)
+                    .unwrap()
+                    .parent
+                    .trace_id
+            })
+            .collect();
+        assert_eq!(ids[0], ids[1], "one trace per request");
+        assert_ne!(ids[0], 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert!(crate::model::header_value(&fresh[0].headers, HEADER_TRACESTATE).is_none());
+        let sampled = TraceContext::from_headers(&fresh[0].headers)
+            .unwrap()
+            .parent
+            .flags;
+        assert_eq!(sampled, crate::model::TraceParent::SAMPLED);
+    }
+}
+
+#[tokio::test]
+async fn a_structured_cloudevent_is_published_with_its_content_type() {
+    let ce = json!({"specversion": "1.0", "id": "ce-7", "type": "t", "source": "/s", "data": 1});
+    let records = published_with(&[], "application/cloudevents+json", &ce.to_string()).await;
+    assert_eq!(
+        crate::model::header_value(&records[0].headers, "content-type"),
+        Some(&b"application/cloudevents+json"[..])
+    );
+    assert_eq!(
+        crate::model::header_value(&records[0].headers, "message-id"),
+        Some(&b"ce-7"[..])
+    );
+    let bad = json!({"specversion": "1.0", "type": "t", "source": "/s"});
+    let (status, body) = post(
+        app(never_publishes(), true),
+        "/v1/events",
+        Some("application/cloudevents+json"),
+        &bad.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("`id`"), "{body}");
+}

@@ -141,6 +141,11 @@ pub async fn start(
     )
     .await?;
     let (ctx, cfg) = pipeline_parts(&config, processor, publisher.clone(), &metrics, &readiness);
+    if config.consumer.auto_offset_reset == crate::config::OffsetReset::Latest {
+        let c = config.clone();
+        tokio::task::spawn_blocking(move || crate::transport::offset_reset::start_at_end(&c))
+            .await??;
+    }
     let driver = consumer::start(&config, metrics.clone(), readiness.clone())?;
     tracing::info!(ops = %ops_addr, group = %config.consumer.group_id, topics = ?config.consumer.topics, workers = cfg.workers, max_in_flight = cfg.max_in_flight, brokers = %config.kafka.brokers, "The consumer is running.");
     let flush_timeout = config.producer.flush_timeout;

@@ -29,10 +29,12 @@ pub use error::{ConfigError, Problem};
 pub use load::{ALIASES, CONFIG_FILE_VAR, RDKAFKA_PREFIX};
 pub use sections::{
     Acks, AssignmentStrategy, Compression, ConsumerConfig, DedupeConfig, HealthConfig, HttpConfig,
-    KafkaConfig, LogConfig, LogFormat, OpsConfig, ProcessorConfig, ProcessorKind, ProducerConfig,
-    RetryConfig, SecurityProtocol,
+    KafkaConfig, LogConfig, LogFormat, OffsetReset, OpsConfig, ProcessorConfig, ProcessorKind,
+    ProducerConfig, RetryConfig, SecurityProtocol,
 };
-pub use values::{is_secret_property, parse_duration, passthrough_name, valid_topic, Secret};
+pub use values::{
+    is_secret_property, parse_duration, passthrough_name, valid_topic, HeaderSetting, Secret,
+};
 
 /// The configuration. In the TOML file, `producer`, `consumer` and `retry` are tables
 /// inside `[kafka]`; here they sit beside it.

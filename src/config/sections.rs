@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::define::Var;
-use super::values::Secret;
+use super::values::{HeaderSetting, Secret};
 
 const fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -75,6 +75,18 @@ choice! {
         Range = "range",
         /// Eager: partitions dealt round-robin.
         RoundRobin = "roundrobin",
+    }
+}
+
+choice! {
+    /// `KAFKA_CONSUMER_AUTO_OFFSET_RESET`: where a group with no committed offset starts on
+    /// its source topics. Retry topics always start at the earliest offset (a retry written
+    /// before the group's first commit on them must not be skipped).
+    pub enum OffsetReset expecting "earliest or latest" {
+        /// From the first record still in the topic.
+        Earliest = "earliest" | "smallest" | "beginning",
+        /// From the end: records produced before the group first starts are skipped.
+        Latest = "latest" | "largest" | "end",
     }
 }
 
@@ -196,6 +208,8 @@ settings! {
         fetch_min_bytes: u32 = 1, env KAFKA_CONSUMER_FETCH_MIN_BYTES;
         /// fetch.max.bytes
         fetch_max_bytes: u32 = 52_428_800, env KAFKA_CONSUMER_FETCH_MAX_BYTES;
+        /// where a group with no committed offset starts on a source topic: earliest or latest (latest skips what was produced before the group first started); retry topics always start at the earliest
+        auto_offset_reset: OffsetReset = OffsetReset::Earliest, env KAFKA_CONSUMER_AUTO_OFFSET_RESET;
     }
 }
 
@@ -254,6 +268,12 @@ settings! {
         /// time limit of one http processor request
         #[serde(with = "super::values::ms")]
         http_timeout: Duration = ms(5000), env PROCESSOR_HTTP_TIMEOUT_MS, key "http_timeout_ms";
+        /// extra static headers of every http processor request, Name=Value pairs, comma-separated (values are secrets: redacted in output, never logged)
+        #[serde(with = "super::values::header_list")]
+        http_headers: Vec<HeaderSetting> = Vec::new(), env PROCESSOR_HTTP_HEADERS;
+        /// PEM file of extra CA certificates the http processor trusts, beside the system's roots
+        #[serde(with = "super::values::optional")]
+        http_ca_file: Option<String> = None, env PROCESSOR_HTTP_CA_FILE;
         /// circuit breaker around the processor: an endpoint outage pauses fetching and holds the failing messages instead of retrying or dead-lettering them (on or off)
         circuit: bool = true, env PROCESSOR_CIRCUIT;
         /// share of retryable failures in the window that opens the circuit

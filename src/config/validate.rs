@@ -233,8 +233,57 @@ impl ProcessorConfig {
             );
         }
         c.range("max_concurrency", self.max_concurrency, 0, 65_536);
+        self.validate_headers(c);
+    }
+
+    /// `PROCESSOR_HTTP_HEADERS`: each item `Name=Value` with a valid HTTP header name and
+    /// value, not one courier sets itself. A problem shows names only: values are secrets.
+    fn validate_headers(&self, c: &mut Check<'_>) {
+        let bad: Vec<String> = self
+            .http_headers
+            .iter()
+            .filter(|h| {
+                let name_ok =
+                    reqwest::header::HeaderName::from_bytes(h.name.as_bytes()).is_ok_and(|n| {
+                        !RESERVED_HEADERS.contains(&n.as_str())
+                            && !n.as_str().starts_with("courier-")
+                    });
+                let value_ok = reqwest::header::HeaderValue::from_str(h.value.expose()).is_ok();
+                !(h.has_equals && name_ok && value_ok && !h.value.is_empty())
+            })
+            .map(|h| {
+                let name_ok = reqwest::header::HeaderName::from_bytes(h.name.as_bytes()).is_ok();
+                if name_ok {
+                    h.shown()
+                } else {
+                    "[redacted]".to_owned()
+                }
+            })
+            .collect();
+        if !bad.is_empty() {
+            c.fail(
+                "http_headers",
+                bad.join(","),
+                "Name=Value pairs, comma-separated, e.g. Authorization=Bearer x,X-Team=payments: a valid header name other than those courier sets (content-type, message-id, idempotency-key, user-agent, traceparent, tracestate, courier-*, host, content-length, connection, transfer-encoding) and a non-empty value without control characters",
+            );
+        }
     }
 }
+
+/// Request headers the http processor sets itself (or HTTP owns): `PROCESSOR_HTTP_HEADERS`
+/// may not name them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "message-id",
+    "idempotency-key",
+    "user-agent",
+    "traceparent",
+    "tracestate",
+    "host",
+    "content-length",
+    "connection",
+    "transfer-encoding",
+];
 
 impl HttpConfig {
     fn validate(&self, c: &mut Check<'_>) {
@@ -318,5 +367,94 @@ impl Config {
         if !p.allowed_topics.contains(&p.topic) {
             p.allowed_topics.insert(0, p.topic.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, OffsetReset};
+
+    fn load(env: &[(&str, &str)]) -> Result<Config, Vec<String>> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_from(None, &env).map_err(|e| e.problems())
+    }
+
+    #[test]
+    fn static_http_headers_are_parsed_and_their_values_redacted() {
+        let c = load(&[(
+            "PROCESSOR_HTTP_HEADERS",
+            "Authorization=Bearer s3cret=, X-Team=payments",
+        )])
+        .unwrap();
+        let h = &c.processor.http_headers;
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            (h[0].name.as_str(), h[0].value.expose()),
+            ("Authorization", "Bearer s3cret=")
+        );
+        assert_eq!(
+            (h[1].name.as_str(), h[1].value.expose()),
+            ("X-Team", "payments")
+        );
+        let shown = c.to_toml();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("payments"),
+            "{shown}"
+        );
+        assert!(shown.contains("Authorization=[redacted]"), "{shown}");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_static_http_headers_are_reported_without_their_values() {
+        for (value, shown) in [
+            ("Bearer s3cret", "[redacted]"),
+            ("Bad Name=s3cret", "[redacted]"),
+            ("User-Agent=s3cret", "User-Agent=[redacted]"),
+            ("courier-attempt=s3cret", "courier-attempt=[redacted]"),
+            ("X-Empty=", "X-Empty=[redacted]"),
+        ] {
+            let problems = load(&[("PROCESSOR_HTTP_HEADERS", value)]).unwrap_err();
+            assert_eq!(problems.len(), 1, "{value}: {problems:?}");
+            assert!(
+                problems[0].starts_with(&format!("PROCESSOR_HTTP_HEADERS={shown}:")),
+                "{problems:?}"
+            );
+            assert!(!problems[0].contains("s3cret"), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn auto_offset_reset_accepts_earliest_or_latest() {
+        assert_eq!(
+            load(&[]).unwrap().consumer.auto_offset_reset,
+            OffsetReset::Earliest
+        );
+        let c = load(&[("KAFKA_CONSUMER_AUTO_OFFSET_RESET", "LATEST")]).unwrap();
+        assert_eq!(c.consumer.auto_offset_reset, OffsetReset::Latest);
+        let problems = load(&[("KAFKA_CONSUMER_AUTO_OFFSET_RESET", "middle")]).unwrap_err();
+        assert_eq!(
+            problems,
+            vec!["KAFKA_CONSUMER_AUTO_OFFSET_RESET=middle: expected earliest or latest".to_owned()]
+        );
+    }
+
+    #[test]
+    fn ca_file_is_a_path() {
+        let c = load(&[("PROCESSOR_HTTP_CA_FILE", "/etc/courier/ca.pem")]).unwrap();
+        assert_eq!(
+            c.processor.http_ca_file.as_deref(),
+            Some("/etc/courier/ca.pem")
+        );
+        assert_eq!(
+            load(&[("PROCESSOR_HTTP_CA_FILE", " ")])
+                .unwrap()
+                .processor
+                .http_ca_file,
+            None
+        );
     }
 }

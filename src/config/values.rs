@@ -65,6 +65,70 @@ impl Serialize for Secret {
     }
 }
 
+/// One static request header of the http processor (`PROCESSOR_HTTP_HEADERS`), written
+/// `Name=Value`. The value is a secret (an `Authorization` token, say): output shows
+/// `Name=[redacted]`. The name and value are checked by `validate.rs`, so that a malformed
+/// item is reported without echoing what may be a secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HeaderSetting {
+    /// The header name, as written (trimmed).
+    pub name: String,
+    /// Its value (trimmed); empty when the item had no `=`.
+    pub value: Secret,
+    /// Whether the item had a `=` at all.
+    pub has_equals: bool,
+}
+
+impl HeaderSetting {
+    /// Reads one `Name=Value` item (split at the first `=`).
+    pub fn parse(item: &str) -> Self {
+        match item.split_once('=') {
+            Some((name, value)) => HeaderSetting {
+                name: name.trim().to_owned(),
+                value: Secret::new(value.trim()),
+                has_equals: true,
+            },
+            None => HeaderSetting {
+                name: item.trim().to_owned(),
+                value: Secret::default(),
+                has_equals: false,
+            },
+        }
+    }
+
+    /// `Name=[redacted]`, for output.
+    pub fn shown(&self) -> String {
+        format!("{}=[redacted]", self.name)
+    }
+}
+
+impl fmt::Debug for HeaderSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+/// `Vec<HeaderSetting>`: `Name=Value` items as an array or a comma-separated string;
+/// written back with every value redacted.
+pub(crate) mod header_list {
+    use serde::{Deserializer, Serializer};
+
+    use super::HeaderSetting;
+
+    pub(crate) fn serialize<S: Serializer>(v: &[HeaderSetting], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(HeaderSetting::shown))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<HeaderSetting>, D::Error> {
+        Ok(super::list(d)?
+            .iter()
+            .map(|item| HeaderSetting::parse(item))
+            .collect())
+    }
+}
+
 /// Parses a duration: `500ms`, `10s`, `5m`, `1h` (humantime syntax, e.g. `1m30s`, too).
 ///
 /// # Errors

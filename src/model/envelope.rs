@@ -1,9 +1,15 @@
 //! The ingest event envelope (DESIGN.md, "Event envelope"): validated once at ingest, and
 //! published as JSON with its `id` in the `message-id` header.
+//!
+//! A structured-mode CloudEvent (an object with `specversion`) is accepted as an envelope
+//! too: `specversion` must be `1.0` and `id`, `source` and `type` are required (CloudEvents
+//! 1.0, "Required Attributes"); its key is the `partitionkey` extension (the Kafka protocol
+//! binding's), else `key`, else its `id`. It is published unchanged with the header
+//! `content-type: application/cloudevents+json`.
 
 use serde_json::{Map, Value};
 
-use super::{OutgoingRecord, HEADER_MESSAGE_ID};
+use super::{OutgoingRecord, CLOUDEVENTS_CONTENT_TYPE, HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID};
 
 /// Why an ingest envelope was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -14,6 +20,9 @@ pub enum EnvelopeError {
     /// `type` is missing.
     #[error("field `type` is required")]
     MissingType,
+    /// A CloudEvent lacks a required attribute (`id`, `source` or `type`).
+    #[error("CloudEvent attribute `{0}` is required")]
+    MissingAttribute(&'static str),
     /// A field has the wrong JSON type or an invalid value.
     #[error("field `{field}` {problem}")]
     InvalidField {
@@ -40,6 +49,8 @@ pub struct Envelope {
     pub partition: Option<i32>,
     /// The full envelope object as published (with `id` filled in).
     pub body: Map<String, Value>,
+    /// Whether it is a structured-mode CloudEvent (published with its content type).
+    pub cloudevent: bool,
 }
 
 impl Envelope {
@@ -51,6 +62,9 @@ impl Envelope {
         let Value::Object(mut body) = value else {
             return Err(EnvelopeError::NotAnObject);
         };
+        if body.contains_key("specversion") {
+            return Envelope::from_cloudevent(body);
+        }
         let event_type = short_string(&body, "type", false)?.ok_or(EnvelopeError::MissingType)?;
         let id = match short_string(&body, "id", false)? {
             Some(id) => id,
@@ -78,6 +92,41 @@ impl Envelope {
             key,
             partition,
             body,
+            cloudevent: false,
+        })
+    }
+
+    /// Validates a structured-mode CloudEvent (see the module documentation).
+    fn from_cloudevent(body: Map<String, Value>) -> Result<Self, EnvelopeError> {
+        if body.get("specversion") != Some(&Value::String("1.0".into())) {
+            return Err(invalid("specversion", "must be \"1.0\""));
+        }
+        let required = |name: &'static str| -> Result<String, EnvelopeError> {
+            short_string(&body, name, false)?.ok_or(EnvelopeError::MissingAttribute(name))
+        };
+        let id = required("id")?;
+        let event_type = required("type")?;
+        if body.get("source").is_none_or(Value::is_null) {
+            return Err(EnvelopeError::MissingAttribute("source"));
+        }
+        match body.get("source") {
+            Some(Value::String(s)) if !s.is_empty() => {}
+            Some(Value::String(_)) => return Err(invalid("source", "is empty")),
+            _ => return Err(invalid("source", "must be a string")),
+        }
+        check_time(&body, "time")?;
+        let key = match short_string(&body, "partitionkey", true)? {
+            Some(k) => k,
+            None => short_string(&body, "key", true)?.unwrap_or_else(|| id.clone()),
+        };
+        let partition = partition(&body)?;
+        Ok(Envelope {
+            id,
+            event_type,
+            key,
+            partition,
+            body,
+            cloudevent: true,
         })
     }
 
@@ -89,7 +138,17 @@ impl Envelope {
             key: Some(self.key.clone().into_bytes()),
             // Serializing a Map of Values cannot fail.
             payload: Some(serde_json::to_vec(&self.body).unwrap_or_default()),
-            headers: vec![(HEADER_MESSAGE_ID.into(), Some(self.id.clone().into_bytes()))],
+            headers: if self.cloudevent {
+                vec![
+                    (HEADER_MESSAGE_ID.into(), Some(self.id.clone().into_bytes())),
+                    (
+                        HEADER_CONTENT_TYPE.into(),
+                        Some(CLOUDEVENTS_CONTENT_TYPE.as_bytes().to_vec()),
+                    ),
+                ]
+            } else {
+                vec![(HEADER_MESSAGE_ID.into(), Some(self.id.clone().into_bytes()))]
+            },
         }
     }
 }

@@ -4,8 +4,10 @@
 use std::fmt;
 
 mod envelope;
+pub mod trace;
 
 pub use envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_FIELD_BYTES};
+pub use trace::{TraceContext, TraceParent, HEADER_TRACEPARENT, HEADER_TRACESTATE};
 
 /// The dedupe key, written by the producer and kept on every hop.
 pub const HEADER_MESSAGE_ID: &str = "message-id";
@@ -31,6 +33,14 @@ pub const HEADER_ERROR_MESSAGE: &str = "courier-error-message";
 pub const HEADER_FAILED_AT_MS: &str = "courier-failed-at-ms";
 /// Set by `courier dlq replay`: dedupe lets a replayed message through once.
 pub const HEADER_REPLAYED_AT_MS: &str = "courier-replayed-at-ms";
+/// The media type of a record's value; set to [`CLOUDEVENTS_CONTENT_TYPE`] on records
+/// ingested as structured-mode CloudEvents (the Kafka protocol binding's header name).
+pub const HEADER_CONTENT_TYPE: &str = "content-type";
+/// The media type of a structured-mode CloudEvent.
+pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// A binary-mode CloudEvent's `id` (Kafka protocol binding): the dedupe key of a record
+/// that has no `message-id`.
+pub const HEADER_CE_ID: &str = "ce_id";
 
 /// Every header courier owns starts with this prefix; they are replaced on each hop.
 pub const COURIER_HEADER_PREFIX: &str = "courier-";
@@ -145,11 +155,20 @@ impl Delivery {
             .and_then(|(_, v)| v.as_deref())
     }
 
-    /// The `message-id` header as UTF-8 text, if present, non-empty and valid.
+    /// The dedupe key: the `message-id` header as UTF-8 text, if present, non-empty and
+    /// valid; else a binary-mode CloudEvent's `ce_id` header, likewise.
     pub fn message_id(&self) -> Option<&str> {
-        self.header(HEADER_MESSAGE_ID)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .filter(|s| !s.is_empty())
+        let text = |name| {
+            self.header(name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .filter(|s| !s.is_empty())
+        };
+        text(HEADER_MESSAGE_ID).or_else(|| text(HEADER_CE_ID))
+    }
+
+    /// The trace id of its `traceparent` header (32 hex digits, borrowed), if valid.
+    pub fn trace_id(&self) -> Option<&str> {
+        trace::trace_id_of(&self.headers)
     }
 
     /// The courier headers of this message, parsed leniently.
@@ -561,6 +580,84 @@ mod tests {
     }
 
     #[test]
+    fn a_structured_cloudevent_is_an_envelope_with_its_content_type() {
+        let ce = json!({
+            "specversion": "1.0", "id": "ce-1", "type": "com.example.order", "source": "/orders",
+            "time": "2024-01-02T03:04:05Z", "partitionkey": "cust-9", "data": {"n": 1}
+        });
+        let env = Envelope::from_value(ce.clone()).unwrap();
+        assert!(env.cloudevent);
+        assert_eq!((env.id.as_str(), env.key.as_str()), ("ce-1", "cust-9"));
+        assert_eq!(env.event_type, "com.example.order");
+        let rec = env.to_record("events");
+        assert_eq!(
+            rec.headers,
+            vec![
+                h(HEADER_MESSAGE_ID, "ce-1"),
+                h(HEADER_CONTENT_TYPE, CLOUDEVENTS_CONTENT_TYPE)
+            ]
+        );
+        let published: serde_json::Value = serde_json::from_slice(&rec.payload.unwrap()).unwrap();
+        assert_eq!(published, ce, "published unchanged");
+        let plain = Envelope::from_value(json!({"type": "t"})).unwrap();
+        assert!(!plain
+            .to_record("e")
+            .headers
+            .iter()
+            .any(|(k, _)| k == HEADER_CONTENT_TYPE));
+    }
+
+    #[test]
+    fn a_cloudevent_needs_version_1_0_and_its_required_attributes() {
+        let base = json!({"specversion": "1.0", "id": "i", "type": "t", "source": "/s"});
+        let with = |k: &str, v: serde_json::Value| {
+            let mut o = base.clone();
+            if v.is_null() {
+                o.as_object_mut().unwrap().remove(k);
+            } else {
+                o[k] = v;
+            }
+            o
+        };
+        let cases = [
+            (
+                with("specversion", json!("0.3")),
+                invalid("specversion", "must be \"1.0\""),
+            ),
+            (
+                with("specversion", json!(1.0)),
+                invalid("specversion", "must be \"1.0\""),
+            ),
+            (
+                with("id", json!(null)),
+                EnvelopeError::MissingAttribute("id"),
+            ),
+            (
+                with("type", json!(null)),
+                EnvelopeError::MissingAttribute("type"),
+            ),
+            (
+                with("source", json!(null)),
+                EnvelopeError::MissingAttribute("source"),
+            ),
+            (with("source", json!("")), invalid("source", "is empty")),
+            (with("id", json!("")), invalid("id", "is empty")),
+            (
+                with("time", json!("noon")),
+                invalid("time", "must be an RFC 3339 date-time"),
+            ),
+        ];
+        for (value, want) in cases {
+            assert_eq!(
+                Envelope::from_value(value.clone()).unwrap_err(),
+                want,
+                "{value}"
+            );
+        }
+        assert!(Envelope::from_value(base).is_ok());
+    }
+
+    #[test]
     fn courier_headers_malformed_values_are_absent() {
         let d = delivery(vec![
             h(HEADER_ATTEMPT, "two"),
@@ -654,6 +751,60 @@ mod tests {
         assert_eq!(ch.original_timestamp_ms, Some(1_700_000_000_000));
         assert_eq!(ch.due_at_ms, None);
         assert_eq!(ch.error_kind, Some(ErrorKind::Fatal));
+    }
+
+    #[test]
+    fn trace_context_survives_retry_and_dlq_hops_byte_for_byte() {
+        let parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_vec();
+        let state = b"congo=t61rcWkgMzE".to_vec();
+        let mut d = delivery(vec![
+            (HEADER_TRACEPARENT.into(), Some(parent.clone())),
+            (HEADER_TRACESTATE.into(), Some(state.clone())),
+            h(HEADER_MESSAGE_ID, "m1"),
+        ]);
+        for (topic, kind) in [
+            ("events-retry-1", ErrorKind::Retryable),
+            ("events-retry-2", ErrorKind::Retryable),
+            ("events-dlq", ErrorKind::Exhausted),
+        ] {
+            let hop = FailureHop {
+                topic,
+                attempt: 1,
+                due_at_ms: None,
+                group: "g",
+                kind,
+                message: "failed",
+                failed_at_ms: 1,
+            };
+            let rec = failure_record(&d, &hop);
+            assert_eq!(
+                header_value(&rec.headers, HEADER_TRACEPARENT),
+                Some(&parent[..])
+            );
+            assert_eq!(
+                header_value(&rec.headers, HEADER_TRACESTATE),
+                Some(&state[..])
+            );
+            d = Delivery {
+                topic: rec.topic,
+                headers: rec.headers,
+                ..d
+            };
+        }
+        assert_eq!(d.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
+
+    #[test]
+    fn message_id_falls_back_to_a_binary_cloudevent_id() {
+        assert_eq!(
+            delivery(vec![h(HEADER_CE_ID, "ce-1")]).message_id(),
+            Some("ce-1")
+        );
+        let both = delivery(vec![h(HEADER_CE_ID, "ce-1"), h(HEADER_MESSAGE_ID, "m-1")]);
+        assert_eq!(both.message_id(), Some("m-1"), "message-id wins");
+        let empty = delivery(vec![h(HEADER_MESSAGE_ID, ""), h(HEADER_CE_ID, "ce-2")]);
+        assert_eq!(empty.message_id(), Some("ce-2"));
+        assert_eq!(delivery(vec![h(HEADER_CE_ID, "")]).message_id(), None);
     }
 
     #[test]

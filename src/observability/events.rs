@@ -11,7 +11,7 @@ use std::time::Duration;
 use prometheus::IntCounter;
 
 use super::Metrics;
-use crate::model::Outcome;
+use crate::model::{Delivery, Outcome};
 
 /// The log target of per-message events.
 pub const MESSAGE_TARGET: &str = "courier::message";
@@ -72,12 +72,28 @@ impl TopicCounters {
 pub struct At<'a> {
     /// Its `message-id`, or empty.
     pub message_id: &'a str,
+    /// The trace id of its `traceparent` header (32 hex digits), or empty.
+    pub trace_id: &'a str,
     /// Topic.
     pub topic: &'a str,
     /// Partition.
     pub partition: i32,
     /// Offset.
     pub offset: i64,
+}
+
+impl<'a> At<'a> {
+    /// Where `d` is. Its ids are borrowed from its headers (the trace id is checked and
+    /// sliced out of `traceparent`, no allocation), so building one per log line is cheap.
+    pub fn of(d: &'a Delivery) -> Self {
+        At {
+            message_id: d.message_id().unwrap_or(""),
+            trace_id: d.trace_id().unwrap_or(""),
+            topic: &d.topic,
+            partition: d.partition,
+            offset: d.offset,
+        }
+    }
 }
 
 /// A message finished on a partition this consumer no longer owns (revoked meanwhile).
@@ -102,7 +118,7 @@ pub struct DuplicateSkipped<'a>(pub At<'a>);
 impl Event for DuplicateSkipped<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.0;
-        tracing::info!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, "Skipped a duplicate message.");
+        tracing::info!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, "Skipped a duplicate message.");
     }
 }
 
@@ -113,7 +129,7 @@ pub struct ForeignRetrySkipped<'a>(pub At<'a>);
 impl Event for ForeignRetrySkipped<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.0;
-        tracing::debug!(target: MESSAGE_TARGET, topic = a.topic, partition = a.partition, offset = a.offset, "Skipped another consumer group's retry message.");
+        tracing::debug!(target: MESSAGE_TARGET, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, "Skipped another consumer group's retry message.");
     }
 }
 
@@ -170,7 +186,7 @@ pub struct ProcessorPanicked<'a> {
 impl Event for ProcessorPanicked<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, error = self.reason, "The processor panicked; the message is a fatal failure.");
+        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, error = self.reason, "The processor panicked; the message is a fatal failure.");
     }
 }
 
@@ -194,7 +210,7 @@ pub struct SentToRetry<'a> {
 impl Event for SentToRetry<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::warn!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, attempt = self.attempt, retry_topic = self.retry_topic, retry_level = self.level, due_at_ms = self.due_at_ms, error = self.error, "Processing failed; the message goes to a retry topic.");
+        tracing::warn!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, attempt = self.attempt, retry_topic = self.retry_topic, retry_level = self.level, due_at_ms = self.due_at_ms, error = self.error, "Processing failed; the message goes to a retry topic.");
     }
 }
 
@@ -216,7 +232,7 @@ pub struct SentToDlq<'a> {
 impl Event for SentToDlq<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, attempt = self.attempt, dlq_topic = self.dlq_topic, error_kind = self.error_kind, error = self.error, "Processing failed; the message goes to the dead-letter topic.");
+        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, attempt = self.attempt, dlq_topic = self.dlq_topic, error_kind = self.error_kind, error = self.error, "Processing failed; the message goes to the dead-letter topic.");
     }
 }
 
@@ -232,7 +248,7 @@ pub struct TooLargeToForward<'a> {
 impl Event for TooLargeToForward<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, payload_bytes = self.payload_bytes, "A failed message is too large to forward; its DLQ entry points to the original.");
+        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, payload_bytes = self.payload_bytes, "A failed message is too large to forward; its DLQ entry points to the original.");
     }
 }
 
@@ -268,7 +284,7 @@ pub struct MessageHeld<'a> {
 impl Event for MessageHeld<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, destination = self.destination, error = self.error, "A message cannot be forwarded and holds its partition until the cause is fixed; courier keeps trying.");
+        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, destination = self.destination, error = self.error, "A message cannot be forwarded and holds its partition until the cause is fixed; courier keeps trying.");
     }
 }
 
@@ -284,7 +300,7 @@ pub struct HeldMessageForwarded<'a> {
 impl Event for HeldMessageForwarded<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::info!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, destination = self.destination, "A held message was forwarded; its partition moves on.");
+        tracing::info!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, destination = self.destination, "A held message was forwarded; its partition moves on.");
     }
 }
 
@@ -300,7 +316,7 @@ pub struct HandlingPanicked<'a> {
 impl Event for HandlingPanicked<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, topic = a.topic, partition = a.partition, offset = a.offset, error = self.reason, "A message could not be handled; it holds its partition until a restart.");
+        tracing::error!(target: MESSAGE_TARGET, message_id = a.message_id, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, error = self.reason, "A message could not be handled; it holds its partition until a restart.");
     }
 }
 
@@ -316,7 +332,7 @@ pub struct MalformedCourierHeaders<'a> {
 impl Event for MalformedCourierHeaders<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::warn!(target: MESSAGE_TARGET, topic = a.topic, partition = a.partition, offset = a.offset, headers = ?self.headers, "Malformed courier headers are treated as absent.");
+        tracing::warn!(target: MESSAGE_TARGET, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, headers = ?self.headers, "Malformed courier headers are treated as absent.");
     }
 }
 
@@ -332,7 +348,7 @@ pub struct DueTimeBeyondHorizon<'a> {
 impl Event for DueTimeBeyondHorizon<'_> {
     fn emit(self, _: &Metrics) {
         let a = self.at;
-        tracing::warn!(target: MESSAGE_TARGET, topic = a.topic, partition = a.partition, offset = a.offset, due_at_ms = self.due_at_ms, "A due time beyond any configured delay is treated as due now.");
+        tracing::warn!(target: MESSAGE_TARGET, trace_id = a.trace_id, topic = a.topic, partition = a.partition, offset = a.offset, due_at_ms = self.due_at_ms, "A due time beyond any configured delay is treated as due now.");
     }
 }
 
@@ -473,6 +489,72 @@ mod tests {
             !text.contains("abandoned"),
             "unfinished messages are not counted"
         );
+    }
+
+    /// A `Write` into a shared buffer, for capturing log output.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn message_log_lines_carry_the_trace_id() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let traced = Delivery {
+            topic: "ev".into(),
+            partition: 1,
+            offset: 7,
+            key: None,
+            payload: None,
+            headers: vec![
+                ("message-id".into(), Some(b"m-1".to_vec())),
+                (
+                    "traceparent".into(),
+                    Some(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_vec()),
+                ),
+            ],
+            timestamp_ms: None,
+        };
+        let at = At::of(&traced);
+        assert_eq!(at.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let m = Metrics::new();
+        m.emit(SentToDlq {
+            at,
+            attempt: 1,
+            dlq_topic: "dlq",
+            error_kind: "fatal",
+            error: "bad",
+        });
+        m.emit(ForeignRetrySkipped(at));
+        m.emit(DueTimeBeyondHorizon { at, due_at_ms: 1 });
+        let out = String::from_utf8(captured.0.lock().clone()).unwrap();
+        assert_eq!(out.lines().count(), 3, "{out}");
+        for line in out.lines() {
+            assert!(
+                line.contains(r#""trace_id":"4bf92f3577b34da6a3ce929d0e0e4736""#),
+                "{line}"
+            );
+        }
+        let untraced = Delivery {
+            headers: vec![("traceparent".into(), Some(b"garbage".to_vec()))],
+            ..traced
+        };
+        assert_eq!(At::of(&untraced).trace_id, "");
     }
 
     #[test]

@@ -24,14 +24,17 @@ macro_rules! metrics {
         }
 
         impl Metrics {
-            /// A fresh registry with every metric registered.
+            /// A fresh registry with every metric registered (and the process metrics, on
+            /// Linux); `courier_build_info` is set.
             pub fn new() -> Self {
-                let mut r = Registrar::default();
-                Metrics {
+                let mut r = Registrar::with_process_metrics();
+                let m = Metrics {
                     $($field: r.register($kind($name, $help, &[$($($label),*)?])),)*
                     families: r.families.into(),
                     registry: r.registry,
-                }
+                };
+                m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+                m
             }
         }
     };
@@ -82,6 +85,11 @@ metrics! {
     circuit_transitions: IntCounterVec = counter_vec("circuit_transitions_total", "Circuit breaker transitions, by the state entered.", ["to"]);
     /// `courier_ready`: 1 while `/readyz` would answer 200, kept by `Readiness`.
     ready: IntGauge = gauge("ready", "1 while /readyz answers 200 (broker reachable; consumer: group joined; no message held).");
+    /// `courier_build_info{version}`: always 1; the label says which courier runs.
+    build_info: IntGaugeVec = gauge_vec("build_info", "Always 1; the version label says which courier build runs.", ["version"]);
+    /// `courier_publish_duration_seconds`: from the publish call to the broker's
+    /// acknowledgement (ingest, retry and DLQ publishes alike).
+    publish_duration: Histogram = histogram("publish_duration_seconds", "From a publish call to the broker's acknowledgement, for acknowledged records.");
 }
 
 /// A registered metric family as it is exported: what dashboards and alert rules may use.
@@ -120,21 +128,43 @@ struct Registrar {
 }
 
 impl Registrar {
+    /// A registrar holding the prometheus crate's process metrics (`process_cpu_seconds_total`,
+    /// `process_resident_memory_bytes`, `process_open_fds`, ...), which exist on Linux only.
+    fn with_process_metrics() -> Self {
+        #[allow(unused_mut)]
+        let mut r = Registrar::default();
+        #[cfg(target_os = "linux")]
+        r.add(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+        r
+    }
+
     fn register<M: Collector + Clone + 'static>(&mut self, m: prometheus::Result<M>) -> M {
         let m = m.expect("metric definition is valid");
-        self.registry
-            .register(Box::new(m.clone()))
-            .expect("metric names are unique");
-        // A vec with no children yet is left out of `gather()`, so the families are read
-        // from each collector's own description instead.
-        for (desc, family) in m.desc().into_iter().zip(m.collect()) {
-            self.families.push(Family {
-                name: desc.fq_name.clone(),
-                kind: family.get_field_type(),
-                labels: desc.variable_labels.clone(),
-            });
-        }
+        self.add(Box::new(m.clone()));
         m
+    }
+
+    /// Registers `c` and records its families.
+    fn add(&mut self, c: Box<dyn Collector>) {
+        // A vec with no children yet is left out of `gather()`, so the families are read
+        // from each collector's own description and collection instead.
+        let kinds: Vec<(String, MetricType)> = c
+            .collect()
+            .iter()
+            .map(|f| (f.name().to_owned(), f.get_field_type()))
+            .collect();
+        for desc in c.desc() {
+            if let Some((_, kind)) = kinds.iter().find(|(name, _)| *name == desc.fq_name) {
+                self.families.push(Family {
+                    name: desc.fq_name.clone(),
+                    kind: *kind,
+                    labels: desc.variable_labels.clone(),
+                });
+            }
+        }
+        self.registry.register(c).expect("metric names are unique");
     }
 }
 
@@ -224,8 +254,38 @@ mod tests {
             "courier_dedupe_entries",
             "courier_broker_up",
             "courier_ready",
+            "courier_build_info",
+            "courier_publish_duration_seconds",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
+        }
+    }
+
+    #[test]
+    fn build_info_is_one_for_this_version() {
+        let text = Metrics::new().render();
+        let want = format!(
+            "courier_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&want), "{text}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn process_metrics_are_exported_and_listed() {
+        let m = Metrics::new();
+        let text = m.render();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "missing {name}");
+            assert!(
+                m.families().iter().any(|f| f.name == name),
+                "{name} not listed"
+            );
         }
     }
 

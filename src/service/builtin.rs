@@ -2,22 +2,32 @@
 //!
 //! - [`LogProcessor`] validates that the payload is an event envelope (a JSON object with a
 //!   string `id` and a string `type`) and logs it; anything else is [`ProcessError::Fatal`].
-//! - [`HttpProcessor`] POSTs the payload to a URL with the `message-id` and courier headers
-//!   and maps the answer: 2xx ok; 408, 429, 5xx, timeouts and transport errors retryable;
-//!   everything else fatal.
+//! - [`HttpProcessor`] POSTs the payload to a URL with the `message-id` and courier headers,
+//!   the trace context, `Idempotency-Key`, `User-Agent` and any static headers, and maps the
+//!   answer: 2xx ok; 408, 429, 5xx, timeouts and transport errors retryable; everything else
+//!   fatal.
 
 use std::error::Error as StdError;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::config::{ProcessorConfig, ProcessorKind};
-use crate::model::{truncate_utf8, Delivery, COURIER_HEADER_PREFIX, HEADER_MESSAGE_ID};
+use crate::config::{HeaderSetting, ProcessorConfig, ProcessorKind};
+use crate::model::{
+    truncate_utf8, Delivery, TraceContext, COURIER_HEADER_PREFIX, HEADER_MESSAGE_ID,
+    HEADER_TRACEPARENT, HEADER_TRACESTATE,
+};
 use crate::service::processor::{ProcessError, Processor};
+
+/// The `User-Agent` of the http processor's requests.
+pub const USER_AGENT_VALUE: &str = concat!("courier/", env!("CARGO_PKG_VERSION"));
+/// The header carrying the `message-id` for the endpoint's own dedupe.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The longest `Retry-After` honoured; longer hints are capped to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -43,6 +53,7 @@ impl Processor for LogProcessor {
         let event_type = validate_envelope(delivery.payload.as_deref())?;
         tracing::info!(
             message_id = delivery.message_id(),
+            trace_id = delivery.trace_id().unwrap_or(""),
             topic = %delivery.topic,
             partition = delivery.partition,
             offset = delivery.offset,
@@ -95,25 +106,65 @@ fn json_kind(value: &Value) -> &'static str {
 /// POSTs each payload to a fixed URL.
 ///
 /// The request carries the payload bytes as the body (empty when the message value is null),
-/// `content-type: application/json`, the `message-id` header and every `courier-*` header of
-/// the delivery whose name and value are valid in HTTP (others are skipped). Redirects are
-/// not followed, so a 3xx answer is fatal like any other non-retryable status.
-#[derive(Debug, Clone)]
+/// `content-type: application/json`, the `message-id` header, every `courier-*` header of
+/// the delivery whose name and value are valid in HTTP (others are skipped), `traceparent`
+/// and `tracestate` (the `process` span's with the `otel` feature, else the record's own),
+/// `Idempotency-Key: <message-id>`, `User-Agent: courier/<version>` and the static
+/// headers of `PROCESSOR_HTTP_HEADERS`. Redirects are not followed, so a 3xx answer is
+/// fatal like any other non-retryable status.
+#[derive(Clone)]
 pub struct HttpProcessor {
     client: reqwest::Client,
     url: reqwest::Url,
     timeout: Duration,
+    /// `User-Agent` and `PROCESSOR_HTTP_HEADERS`, values marked sensitive.
+    fixed: HeaderMap,
+}
+
+impl std::fmt::Debug for HttpProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The static headers' values are secrets: names only.
+        let names: Vec<&str> = self.fixed.keys().map(HeaderName::as_str).collect();
+        f.debug_struct("HttpProcessor")
+            .field("url", &self.url.origin().ascii_serialization())
+            .field("timeout", &self.timeout)
+            .field("headers", &names)
+            .finish()
+    }
+}
+
+/// What the http processor is configured with beside its URL and timeout.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// Static headers (`PROCESSOR_HTTP_HEADERS`).
+    pub headers: Vec<HeaderSetting>,
+    /// Extra CA certificates (`PROCESSOR_HTTP_CA_FILE`).
+    pub ca_file: Option<String>,
 }
 
 impl HttpProcessor {
     /// A processor posting to `url`, giving each request `timeout` in total (connecting
-    /// included). TLS uses rustls with the `ring` provider and the webpki root
-    /// certificates; no process-wide crypto provider is needed.
+    /// included), without static headers or extra CAs; see [`HttpProcessor::with_options`].
     ///
     /// # Errors
-    /// A description when `url` is not an absolute `http`/`https` URL, `timeout` is zero,
-    /// or the HTTP client cannot be built.
+    /// As [`HttpProcessor::with_options`].
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+        HttpProcessor::with_options(url, timeout, &HttpOptions::default())
+    }
+
+    /// A processor posting to `url` with `options`. TLS uses rustls with the `ring` provider
+    /// and trusts the system's root certificates (webpki's compiled-in roots when the system
+    /// has none) plus the CA file; no process-wide crypto provider is needed.
+    ///
+    /// # Errors
+    /// A description when `url` is not an absolute `http`/`https` URL, `timeout` is zero, a
+    /// static header is invalid, the CA file cannot be read or holds no valid certificate,
+    /// or the HTTP client cannot be built.
+    pub fn with_options(
+        url: &str,
+        timeout: Duration,
+        options: &HttpOptions,
+    ) -> Result<Self, String> {
         let parsed =
             reqwest::Url::parse(url).map_err(|e| format!("invalid processor URL {url:?}: {e}"))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -124,8 +175,10 @@ impl HttpProcessor {
         if timeout.is_zero() {
             return Err("the processor HTTP timeout must be greater than zero".to_owned());
         }
+        let fixed = fixed_headers(&options.headers)?;
+        let tls = client_tls(options.ca_file.as_deref().map(Path::new))?;
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls_config()?)
+            .use_preconfigured_tls(tls)
             .timeout(timeout)
             .connect_timeout(timeout.min(MAX_CONNECT_TIMEOUT))
             .redirect(reqwest::redirect::Policy::none())
@@ -135,6 +188,7 @@ impl HttpProcessor {
             client,
             url: parsed,
             timeout,
+            fixed,
         })
     }
 
@@ -166,7 +220,7 @@ impl Processor for HttpProcessor {
         let response = self
             .client
             .post(self.url.clone())
-            .headers(request_headers(delivery))
+            .headers(self.request_headers(delivery))
             .body(body)
             .send()
             .await
@@ -175,10 +229,28 @@ impl Processor for HttpProcessor {
     }
 }
 
-/// The rustls configuration: `ring` provider, webpki roots, HTTP/2 and HTTP/1.1 by ALPN.
-fn tls_config() -> Result<rustls::ClientConfig, String> {
+/// A client TLS configuration: rustls with the `ring` provider, HTTP/2 and HTTP/1.1 by
+/// ALPN, trusting the system's root certificates (rustls-native-certs: the platform's
+/// store, `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured) or, when the system has none, webpki's
+/// compiled-in Mozilla roots; plus every certificate of `ca_file` (PEM).
+///
+/// # Errors
+/// A one-line description naming `PROCESSOR_HTTP_CA_FILE` when the file cannot be read,
+/// holds no PEM certificate, or holds one that is not a valid CA certificate.
+pub fn client_tls(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots: rustls::RootCertStore = webpki_roots::TLS_SERVER_ROOTS.iter().cloned().collect();
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (system, _) = roots.add_parsable_certificates(native.certs);
+    if system == 0 {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        tracing::debug!(
+            "No system root certificates were found; trusting webpki's compiled-in roots."
+        );
+    }
+    if let Some(path) = ca_file {
+        add_ca_file(&mut roots, path)?;
+    }
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot configure TLS: {e}"))?
@@ -188,10 +260,87 @@ fn tls_config() -> Result<rustls::ClientConfig, String> {
     Ok(config)
 }
 
-/// The request headers: content type, `message-id` and the valid courier headers.
-fn request_headers(delivery: &Delivery) -> HeaderMap {
+/// Adds every certificate of the PEM file at `path` to `roots`.
+fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let shown = path.display();
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("PROCESSOR_HTTP_CA_FILE={shown}: cannot read it: {e}"))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("PROCESSOR_HTTP_CA_FILE={shown}: not a valid PEM file: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "PROCESSOR_HTTP_CA_FILE={shown}: expected PEM certificates (-----BEGIN CERTIFICATE-----), found none"
+        ));
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "PROCESSOR_HTTP_CA_FILE={shown}: a certificate is not a valid CA certificate: {e}"
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// `User-Agent` and the static headers, their values marked sensitive (never printed by
+/// `Debug`).
+fn fixed_headers(settings: &[HeaderSetting]) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+    for h in settings {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+            format!(
+                "PROCESSOR_HTTP_HEADERS: `{}` is not a valid header name",
+                h.name
+            )
+        })?;
+        let mut value = HeaderValue::from_str(h.value.expose()).map_err(|_| {
+            format!(
+                "PROCESSOR_HTTP_HEADERS: the value of `{}` is not a valid header value",
+                h.name
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+impl HttpProcessor {
+    /// The request headers: content type, `message-id` and the valid courier headers, the
+    /// trace context, `Idempotency-Key`, `User-Agent` and the static headers.
+    fn request_headers(&self, delivery: &Delivery) -> HeaderMap {
+        let mut headers = self.fixed.clone();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(id) = delivery.message_id() {
+            // Text already; the `ce_id` of a binary CloudEvent stands in for a missing
+            // message-id, as for dedupe.
+            if let Ok(value) = HeaderValue::from_str(id) {
+                headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY), value);
+            }
+        }
+        let trace =
+            crate::otel::current().or_else(|| TraceContext::from_headers(&delivery.headers));
+        if let Some(trace) = trace {
+            for (name, value) in [
+                (HEADER_TRACEPARENT, Some(trace.parent.to_header())),
+                (HEADER_TRACESTATE, trace.state),
+            ] {
+                if let Some(Ok(value)) = value.map(HeaderValue::try_from) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
+        }
+        add_delivery_headers(&mut headers, delivery);
+        headers
+    }
+}
+
+/// `message-id` and the valid courier headers of `delivery`.
+fn add_delivery_headers(headers: &mut HeaderMap, delivery: &Delivery) {
     if let Some(raw) = delivery.header(HEADER_MESSAGE_ID) {
         match HeaderValue::from_bytes(raw) {
             Ok(value) => {
@@ -225,7 +374,6 @@ fn request_headers(delivery: &Delivery) -> HeaderMap {
             ),
         }
     }
-    headers
 }
 
 /// Maps an HTTP response to the processing outcome.
@@ -241,7 +389,7 @@ async fn classify(response: reqwest::Response) -> Result<(), ProcessError> {
             response
                 .headers()
                 .get(RETRY_AFTER)
-                .and_then(|v| parse_retry_after(v, time::OffsetDateTime::now_utc()))
+                .and_then(|v| parse_retry_after(v, SystemTime::now()))
         } else {
             None
         };
@@ -298,10 +446,11 @@ async fn body_snippet(response: reqwest::Response) -> String {
     }
 }
 
-/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (IMF-fixdate, parsed as
-/// RFC 2822), relative to `now`. A date in the past gives zero; the result is capped at
-/// [`MAX_RETRY_AFTER`]; a malformed value gives `None`.
-fn parse_retry_after(value: &HeaderValue, now: time::OffsetDateTime) -> Option<Duration> {
+/// Parses a `Retry-After` value: delta-seconds or an HTTP-date in any of the three formats
+/// of RFC 9110, 5.6.7 (IMF-fixdate, obsolete RFC 850 and asctime, by `httpdate`), relative
+/// to `now`. A date in the past gives zero; the result is capped at [`MAX_RETRY_AFTER`]; a
+/// malformed value gives `None`.
+fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
     if text.is_empty() {
         return None;
@@ -310,10 +459,9 @@ fn parse_retry_after(value: &HeaderValue, now: time::OffsetDateTime) -> Option<D
         // Only digits: a number too large for u64 is still a valid, very long delay.
         Duration::from_secs(text.parse::<u64>().unwrap_or(u64::MAX))
     } else {
-        let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc2822)
-            .ok()?;
-        // A negative difference (a date in the past) means "no need to wait".
-        Duration::try_from(at - now).unwrap_or(Duration::ZERO)
+        let at = httpdate::parse_http_date(text).ok()?;
+        // A date in the past means "no need to wait".
+        at.duration_since(now).unwrap_or(Duration::ZERO)
     };
     Some(delay.min(MAX_RETRY_AFTER))
 }
@@ -339,13 +487,18 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
 /// A description when the `http` processor has no URL or cannot be built.
 pub fn build_processor(config: &ProcessorConfig) -> Result<Arc<dyn Processor>, String> {
     match config.kind {
-        ProcessorKind::Log => Ok(Arc::new(LogProcessor)),
+        ProcessorKind::Log => Ok(crate::otel::instrument(Arc::new(LogProcessor))),
         ProcessorKind::Http => {
             let url = config
                 .http_url
                 .as_deref()
                 .ok_or("the http processor needs PROCESSOR_HTTP_URL")?;
-            Ok(Arc::new(HttpProcessor::new(url, config.http_timeout)?))
+            let options = HttpOptions {
+                headers: config.http_headers.clone(),
+                ca_file: config.http_ca_file.clone(),
+            };
+            let http = HttpProcessor::with_options(url, config.http_timeout, &options)?;
+            Ok(crate::otel::instrument(Arc::new(http)))
         }
     }
 }
@@ -629,8 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn http_retry_after_date_on_503() {
-        let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(120);
-        let date = imf_fixdate(at);
+        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
         let err = post_once(Reply::status(503).header("retry-after", date))
             .await
             .unwrap_err();
@@ -671,27 +823,27 @@ mod tests {
         ));
     }
 
-    fn imf_fixdate(at: time::OffsetDateTime) -> String {
-        let text = at
-            .format(&time::format_description::well_known::Rfc2822)
-            .unwrap();
-        text.replace("+0000", "GMT")
-    }
-
     #[test]
     fn retry_after_parsing() {
-        let now = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        // Sun, 06 Nov 1994 08:49:37 GMT, the example of RFC 9110, 5.6.7.
+        let example = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let now = example - Duration::from_secs(90);
         let parse = |s: &str| parse_retry_after(&HeaderValue::from_str(s).unwrap(), now);
         assert_eq!(parse("0"), Some(Duration::ZERO));
         assert_eq!(parse(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(parse("86400"), Some(MAX_RETRY_AFTER), "capped");
         assert_eq!(parse("99999999999999999999999"), Some(MAX_RETRY_AFTER));
-        let later = imf_fixdate(now + time::Duration::seconds(90));
-        assert!(later.ends_with(" GMT"), "{later}");
-        assert_eq!(parse(&later), Some(Duration::from_secs(90)));
-        let earlier = imf_fixdate(now - time::Duration::seconds(90));
+        // The three HTTP-date formats of RFC 9110: IMF-fixdate, RFC 850, asctime.
+        for date in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(parse(date), Some(Duration::from_secs(90)), "{date}");
+        }
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(90));
         assert_eq!(parse(&earlier), Some(Duration::ZERO));
-        let far = imf_fixdate(now + time::Duration::days(3));
+        let far = httpdate::fmt_http_date(now + Duration::from_secs(3 * 86_400));
         assert_eq!(parse(&far), Some(MAX_RETRY_AFTER));
         for bad in [
             "",
@@ -700,8 +852,88 @@ mod tests {
             "soon",
             "7s",
             "Sun, 99 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 08:49:37 +0000",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn http_request_carries_trace_context_idempotency_key_agent_and_static_headers() {
+        let (url, script) = serve(vec![]).await;
+        let options = HttpOptions {
+            headers: vec![
+                HeaderSetting::parse("Authorization=Bearer s3cret"),
+                HeaderSetting::parse("X-Team=payments"),
+            ],
+            ca_file: None,
+        };
+        let processor =
+            HttpProcessor::with_options(&url, Duration::from_secs(5), &options).unwrap();
+        let debug = format!("{processor:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let d = delivery(
+            Some(b"{}"),
+            &[
+                ("message-id", Some(b"m-9")),
+                ("traceparent", Some(parent.as_bytes())),
+                ("tracestate", Some(b"congo=t61rcWkgMzE")),
+            ],
+        );
+        processor.process(&d).await.unwrap();
+        // A binary CloudEvent's id stands in for a missing message-id; a malformed
+        // traceparent is not forwarded.
+        let ce = delivery(
+            Some(b"{}"),
+            &[("ce_id", Some(b"ce-1")), ("traceparent", Some(b"00-x"))],
+        );
+        processor.process(&ce).await.unwrap();
+        let seen = script.seen.lock().unwrap();
+        let (headers, _) = &seen[0];
+        assert_eq!(headers["idempotency-key"], "m-9");
+        assert_eq!(
+            headers["user-agent"],
+            concat!("courier/", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(headers["authorization"], "Bearer s3cret");
+        assert_eq!(headers["x-team"], "payments");
+        assert_eq!(headers["traceparent"], parent);
+        assert_eq!(headers["tracestate"], "congo=t61rcWkgMzE");
+        let (headers, _) = &seen[1];
+        assert_eq!(headers["idempotency-key"], "ce-1");
+        assert!(!headers.contains_key("traceparent"));
+    }
+
+    #[test]
+    fn an_unreadable_or_invalid_ca_file_is_a_clear_start_up_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        let not_pem = dir.path().join("notes.txt");
+        std::fs::write(&not_pem, "just text").unwrap();
+        let bad_der = dir.path().join("bad.pem");
+        std::fs::write(
+            &bad_der,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for (path, want) in [
+            (&missing, "cannot read it"),
+            (&not_pem, "found none"),
+            (&bad_der, "not a valid CA certificate"),
+        ] {
+            let options = HttpOptions {
+                headers: Vec::new(),
+                ca_file: Some(path.display().to_string()),
+            };
+            let err = HttpProcessor::with_options(
+                "https://127.0.0.1:1/x",
+                Duration::from_secs(1),
+                &options,
+            )
+            .unwrap_err();
+            assert!(err.starts_with("PROCESSOR_HTTP_CA_FILE="), "{err}");
+            assert!(err.contains(want), "{path:?}: {err}");
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::Value;
 
-use crate::model::{Ack, Envelope, EnvelopeError};
+use crate::model::{Ack, Envelope, EnvelopeError, TraceContext};
 use crate::service::publish::{PublishError, PublishFailure, Publisher};
 
 /// What was published per topic and partition, and what failed by reason: the producer's
@@ -150,19 +150,25 @@ pub fn validate_batch(value: Value, max_events: usize) -> Result<Vec<Envelope>, 
 }
 
 /// Publishes every envelope to `topic` at once and waits for each acknowledgement, at most
-/// `deadline` per event (a [`PublishFailure::Timeout`] after it). Records each result in
-/// `ledger` and logs each failure. Results are in the order of `envelopes`.
+/// `deadline` per event (a [`PublishFailure::Timeout`] after it). Every record carries the
+/// request's trace context `trace` as `traceparent`/`tracestate` headers (with the `otel`
+/// feature, the context of its own `publish` span, a child of `trace`). Records each result
+/// in `ledger` and logs each failure. Results are in the order of `envelopes`.
 pub async fn publish_batch(
     publisher: &Arc<dyn Publisher>,
     topic: &str,
     envelopes: &[Envelope],
+    trace: &TraceContext,
     deadline: Duration,
     ledger: &Ledger,
 ) -> Vec<Result<Ack, PublishError>> {
     let results = futures::future::join_all(envelopes.iter().map(|env| {
-        let (publisher, record) = (publisher.clone(), env.to_record(topic));
+        let span = crate::otel::publish_span(trace, topic, &env.id);
+        let mut record = env.to_record(topic);
+        record.headers.extend(span.context_or(trace).headers());
+        let publisher = publisher.clone();
         async move {
-            match tokio::time::timeout(deadline, publisher.publish(record)).await {
+            let result = match tokio::time::timeout(deadline, publisher.publish(record)).await {
                 Ok(res) => res,
                 Err(_) => Err(PublishError {
                     kind: PublishFailure::Timeout,
@@ -171,14 +177,17 @@ pub async fn publish_batch(
                         deadline.as_millis()
                     ),
                 }),
-            }
+            };
+            span.end(result.as_ref().err().map(|e| e.message.as_str()));
+            result
         }
     }))
     .await;
+    let trace_id = trace.parent.trace_id_hex();
     for (env, res) in envelopes.iter().zip(&results) {
         ledger.record(topic, res);
         if let Err(e) = res {
-            tracing::warn!(message_id = %env.id, topic, reason = e.kind.label(), error = %e.message, "An event was not published.");
+            tracing::warn!(message_id = %env.id, trace_id, topic, reason = e.kind.label(), error = %e.message, "An event was not published.");
         }
     }
     results
@@ -259,6 +268,50 @@ mod tests {
         };
         let indexes: Vec<usize> = invalid.iter().map(|i| i.index).collect();
         assert_eq!(indexes, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn every_record_of_a_batch_carries_the_trace_context() {
+        use crate::model::{HEADER_TRACEPARENT, HEADER_TRACESTATE};
+        use crate::service::publish::MockPublisher;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut mock = MockPublisher::new();
+        let sink = seen.clone();
+        mock.expect_publish().times(2).returning(move |r| {
+            sink.lock().push(r);
+            Ok(Ack {
+                partition: 0,
+                offset: 0,
+            })
+        });
+        let publisher: Arc<dyn Publisher> = Arc::new(mock);
+        let envelopes = validate_batch(json!([{"type": "a"}, {"type": "b"}]), 3).unwrap();
+        let trace = TraceContext::from_values(
+            Some(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some(b"congo=t61rcWkgMzE"),
+        )
+        .unwrap();
+        let ledger = Ledger::default();
+        let results = publish_batch(
+            &publisher,
+            "t",
+            &envelopes,
+            &trace,
+            Duration::from_secs(1),
+            &ledger,
+        )
+        .await;
+        assert!(results.iter().all(Result::is_ok));
+        for record in seen.lock().iter() {
+            let got = TraceContext::from_headers(&record.headers).expect("a valid traceparent");
+            assert_eq!(got.parent.trace_id, trace.parent.trace_id);
+            assert_eq!(got.state, trace.state);
+            let count = |name: &str| record.headers.iter().filter(|(k, _)| k == name).count();
+            assert_eq!(
+                (count(HEADER_TRACEPARENT), count(HEADER_TRACESTATE)),
+                (1, 1)
+            );
+        }
     }
 
     #[test]

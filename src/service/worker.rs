@@ -408,12 +408,7 @@ impl WorkerContext {
 
 /// Where `d` is, for events.
 fn at(d: &Delivery) -> At<'_> {
-    At {
-        message_id: d.message_id().unwrap_or(""),
-        topic: &d.topic,
-        partition: d.partition,
-        offset: d.offset,
-    }
+    At::of(d)
 }
 
 /// The text of a panic payload.

@@ -16,3 +16,6 @@ pub use admin::TopicAdmin;
 pub use dev_broker::DevBroker;
 pub use health::HealthChecker;
 pub use publisher::KafkaPublisher;
+
+// KAFKA_CONSUMER_AUTO_OFFSET_RESET=latest, applied to the source topics before joining.
+pub(crate) mod offset_reset;

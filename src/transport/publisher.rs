@@ -153,12 +153,16 @@ impl Publisher for KafkaPublisher {
                 .inc();
             PublishError { kind, message }
         };
+        let started = std::time::Instant::now();
         let future = match producer.send_result(fr) {
             Ok(f) => f,
             Err((e, _)) => return Err(fail(classify(&e), e.to_string())),
         };
         match future.await {
             Ok(Ok(d)) => {
+                self.metrics
+                    .publish_duration
+                    .observe(started.elapsed().as_secs_f64());
                 self.metrics
                     .messages_published
                     .with_label_values(&[&record.topic])

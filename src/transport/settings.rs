@@ -117,6 +117,9 @@ fn typed_properties(config: &Config, role: ClientRole) -> BTreeMap<String, Strin
             // Offsets are committed explicitly, and only once a message is finished.
             set("enable.auto.commit", "false".into());
             set("enable.auto.offset.store", "false".into());
+            // Always earliest: retry topics must be read from their start by a group that
+            // has no commit on them yet. KAFKA_CONSUMER_AUTO_OFFSET_RESET=latest is applied
+            // to the source topics before the consumer joins (transport::offset_reset).
             set("auto.offset.reset", "earliest".into());
             set("fetch.min.bytes", c.fetch_min_bytes.to_string());
             set("fetch.max.bytes", c.fetch_max_bytes.to_string());
@@ -288,6 +291,23 @@ mod tests {
         assert_eq!(conflicts[0].passthrough, "roundrobin");
         let (prod, _) = properties(&c, ClientRole::Producer);
         assert!(!prod.contains_key("partition.assignment.strategy"));
+    }
+
+    #[test]
+    fn librdkafka_resets_to_earliest_even_when_the_source_topics_start_at_the_end() {
+        for env in [
+            &[][..],
+            &[("KAFKA_CONSUMER_AUTO_OFFSET_RESET", "latest")][..],
+        ] {
+            let (p, _) = properties(&config(env), ClientRole::Consumer);
+            assert_eq!(p["auto.offset.reset"], "earliest", "{env:?}");
+        }
+        let c = config(&[("RDKAFKA_AUTO_OFFSET_RESET", "latest")]);
+        let (_, conflicts) = properties(&c, ClientRole::Consumer);
+        assert_eq!(
+            conflicts[0].property, "auto.offset.reset",
+            "the passthrough is reported"
+        );
     }
 
     #[test]

@@ -143,12 +143,7 @@ async fn handle(ctx: &WorkerContext, lj: &LaneJob) -> Outcome {
                 crate::service::worker::panic_message(&*panic)
             );
             ctx.metrics.emit(HandlingPanicked {
-                at: At {
-                    message_id: d.message_id().unwrap_or(""),
-                    topic: &d.topic,
-                    partition: d.partition,
-                    offset: d.offset,
-                },
+                at: At::of(d),
                 reason: &reason,
             });
             ctx.holds.hold(

@@ -295,12 +295,7 @@ impl State {
                 return;
             }
             Admit::Skip => {
-                self.ctx.metrics.emit(ForeignRetrySkipped(At {
-                    message_id: d.message_id().unwrap_or(""),
-                    topic: &d.topic,
-                    partition: d.partition,
-                    offset: d.offset,
-                }));
+                self.ctx.metrics.emit(ForeignRetrySkipped(At::of(&d)));
                 part.offsets.start(d.offset);
                 part.counters.received();
                 part.stats.received += 1;

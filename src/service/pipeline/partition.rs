@@ -135,12 +135,7 @@ impl Part {
             return Admit::Dispatch { due_at_ms: None };
         }
         let h = d.courier_headers();
-        let at = At {
-            message_id: d.message_id().unwrap_or(""),
-            topic: &d.topic,
-            partition: d.partition,
-            offset: d.offset,
-        };
+        let at = At::of(d);
         if !h.malformed.is_empty() {
             rules.metrics.emit(MalformedCourierHeaders {
                 at,
