@@ -155,8 +155,10 @@ pub(crate) fn spawn_reloader(
         return None;
     }
     let items: Arc<[Arc<dyn Reload>]> = items.into();
+    // Installed before returning, so SIGHUP never falls back to its default (terminate)
+    // once the producer has started.
+    let mut hangup = hangup_signal();
     Some(tokio::spawn(async move {
-        let mut hangup = hangup_signal();
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate; everything was just loaded
