@@ -289,8 +289,9 @@ fn authorize(
     if values.next().is_some() {
         return Err(Denied::Malformed("more than one Authorization header"));
     }
+    // `Bearer`, whitespace, the token; whitespace around the token is ignored.
     let bytes = value.as_bytes().trim_ascii();
-    let (scheme, rest) = match bytes.iter().position(|&b| b == b' ') {
+    let (scheme, rest) = match bytes.iter().position(|&b| b == b' ' || b == b'\t') {
         Some(i) => (&bytes[..i], &bytes[i..]),
         None => (bytes, &b""[..]),
     };
@@ -470,6 +471,10 @@ mod tests {
         assert_eq!(check(&s, &[&bearer(A)], "events"), Ok(()));
         assert_eq!(
             check(&s, &[format!("bEaReR  {A} ").as_bytes()], "orders"),
+            Ok(())
+        );
+        assert_eq!(
+            check(&s, &[format!("Bearer\t{A}").as_bytes()], "orders"),
             Ok(())
         );
         assert_eq!(check(&s, &[&bearer(B)], "orders"), Ok(()));
