@@ -325,8 +325,13 @@ async fn a_revoked_token_gets_401_once_the_file_changes_without_a_restart() {
     assert_eq!(k.end_offsets(&k.source), vec![1]);
 
     // Revoked by a new file renamed over the old one (a Secret update).
+    let changed = Instant::now();
     replace(&file, &format!("# a is revoked\n{c}\n"));
     wait_probe(p.http_addr, &a, 401, "the revoked token is refused").await;
+    println!(
+        "AUTH revocation: refused {} ms after the file changed",
+        changed.elapsed().as_millis()
+    );
     let r = publish(a.clone()).await;
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(r.header("www-authenticate"), Some(INVALID));
