@@ -32,6 +32,10 @@ fn bearer(t: &str) -> Vec<u8> {
     format!("Bearer {t}").into_bytes()
 }
 
+/// A refused request: what it is, its path, its `Authorization` headers, the status and the
+/// challenge it must get.
+type Case<'a> = (&'a str, &'a String, Vec<Vec<u8>>, u16, &'a str);
+
 async fn producer(k: &TestKafka, extra: &[(&str, &str)]) -> (RunningProducer, CancellationToken) {
     let shutdown = CancellationToken::new();
     let running = start(
@@ -220,7 +224,7 @@ async fn missing_malformed_wrong_and_unscoped_tokens_are_refused_and_publish_not
     let on_other = format!("/v1/topics/{other}/events");
     let raw = |s: &str| s.as_bytes().to_vec();
     #[rustfmt::skip]
-    let cases: Vec<(&str, &String, Vec<Vec<u8>>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("no Authorization", &default, vec![], 401, REALM),
         ("no Authorization, topic route", &on_other, vec![], 401, REALM),
         ("Basic scheme", &on_source, vec![raw("Basic dXNlcjpwYXNz")], 401, REALM),
