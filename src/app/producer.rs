@@ -129,14 +129,7 @@ pub async fn start(
     let ingest = IngestConfig::from_config(&config);
     // The token and TLS files first: a missing or broken one stops the start-up before any
     // client is created.
-    let tokens = config
-        .http
-        .auth_tokens_file
-        .as_deref()
-        .map(|path| auth::load(path, &ingest.allowed_topics))
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
-    let tls = tls::load(&config.http).map_err(anyhow::Error::msg)?;
+    let security = IngestSecurity::load(&config, &ingest)?;
     let readiness = Readiness::new(metrics.clone(), false);
     crate::app::auto_create_topics(&config).await;
     let kafka = Arc::new(KafkaPublisher::new(&config, metrics.clone())?);
@@ -150,24 +143,22 @@ pub async fn start(
         shutdown.clone(),
     )
     .await?;
-    let mut app = api::router(
+    let app = api::router(
         ingest.clone(),
         publisher.clone(),
         readiness,
         metrics.clone(),
         ledger.clone(),
     );
-    let mut watched: Vec<Arc<dyn Reload>> = Vec::new();
-    if let Some(tokens) = &tokens {
-        app = auth::require_tokens(app, &ingest, tokens.clone(), metrics.clone());
-        watched.push(tokens.clone());
-    }
-    if let Some(tls) = &tls {
-        watched.push(tls.clone());
-    }
-    let (http_addr, http_task) =
-        serve_ingest(config.http.addr, app, tls.clone(), shutdown.clone()).await?;
-    spawn_reloader(watched, metrics, shutdown.clone());
+    let app = security.protect(app, &ingest, &metrics);
+    let (http_addr, http_task) = serve_ingest(
+        config.http.addr,
+        app,
+        security.tls.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    security.watch(metrics, shutdown.clone());
     let stats = Arc::new(GeneratorStats::default());
     let gen_task = opts.generate.clone().map(|g| {
         let (p, l, s) = (publisher.clone(), ledger.clone(), stats.clone());
@@ -179,9 +170,13 @@ pub async fn start(
     {
         spawn_progress(stats.clone(), shutdown.clone());
     }
-    let scheme = if tls.is_some() { "https" } else { "http" };
+    let scheme = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let client_certs = config.http.tls_client_ca_file.is_some();
-    let bearer_tokens = tokens.is_some();
+    let bearer_tokens = security.tokens.is_some();
     tracing::info!(http = %http_addr, scheme, client_certs, bearer_tokens, ops = %ops_addr, topic = %config.producer.topic, brokers = %config.kafka.brokers, "The producer is running.");
     let flush_timeout = config.producer.flush_timeout;
     let done_ledger = ledger.clone();
@@ -211,6 +206,50 @@ pub async fn start(
         generator: stats,
         done,
     })
+}
+
+/// The ingest listener's token and TLS files (each optional), loaded and watched.
+struct IngestSecurity {
+    tokens: Option<Arc<auth::Tokens>>,
+    tls: Option<Arc<Watched<TlsConfig>>>,
+}
+
+impl IngestSecurity {
+    /// Loads the files the configuration names.
+    ///
+    /// # Errors
+    /// A file that is missing, unreadable or malformed, named with its variable.
+    fn load(config: &Config, ingest: &IngestConfig) -> anyhow::Result<Self> {
+        let tokens = config
+            .http
+            .auth_tokens_file
+            .as_deref()
+            .map(|path| auth::load(path, &ingest.allowed_topics))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let tls = tls::load(&config.http).map_err(anyhow::Error::msg)?;
+        Ok(IngestSecurity { tokens, tls })
+    }
+
+    /// `app` behind the bearer tokens, when there are any.
+    fn protect(&self, app: axum::Router, ingest: &IngestConfig, metrics: &Metrics) -> axum::Router {
+        match &self.tokens {
+            Some(t) => auth::require_tokens(app, ingest, t.clone(), metrics.clone()),
+            None => app,
+        }
+    }
+
+    /// Re-reads the files when they change and on SIGHUP, until `shutdown`.
+    fn watch(&self, metrics: Metrics, shutdown: CancellationToken) {
+        let mut watched: Vec<Arc<dyn Reload>> = Vec::new();
+        if let Some(t) = &self.tokens {
+            watched.push(t.clone());
+        }
+        if let Some(t) = &self.tls {
+            watched.push(t.clone());
+        }
+        spawn_reloader(watched, metrics, shutdown);
+    }
 }
 
 /// Binds the ingest API on `addr` and serves it, over TLS when `tls` is set, until
