@@ -3,17 +3,18 @@
 //! (made here with rcgen), the http processor's headers, `KAFKA_CONSUMER_AUTO_OFFSET_RESET`
 //! and binary-mode CloudEvents' `ce_id` as the dedupe key.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::testing::{header, metric_sum, rand_id, wait_for, wait_ready, ScriptedProcessor, TestKafka};
 use courier::app::consumer::{self, ConsumerOptions};
 use courier::app::producer::{self, ProducerOptions};
 use courier::model::Headers;
 use courier::observability::Metrics;
 use courier::service::builtin::HttpProcessor;
 use courier::service::{ProcessError, Processor};
+use courier::testing::{
+    header, metric_sum, rand_id, wait_for, wait_ready, ScriptedProcessor, TestKafka,
+};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;

@@ -7,7 +7,6 @@
 //! nothing else reads the environment meanwhile).
 #![cfg(feature = "otel")]
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,11 +14,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Router;
-use courier::testing::{header, wait_for, wait_ready, TestKafka};
 use courier::app::consumer::{self, ConsumerOptions};
 use courier::app::producer::{self, ProducerOptions};
+use courier::testing::{header, wait_for, wait_ready, TestKafka};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::courier::testing::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use parking_lot::Mutex;

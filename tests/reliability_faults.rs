@@ -265,7 +265,7 @@ async fn broker_outage_of_10s_mid_stream_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         committed = k.committed(&k.source);
     }
-    let dlq = k.read_all(&k.dlq, 0, Duration::from_millis(500));
+    let dlq = k.kafka().read_to_end(&k.dlq, Duration::from_secs(10));
     let dlq_ids: HashSet<String> = dlq
         .iter()
         .filter_map(|d| d.message_id().map(str::to_owned))
@@ -445,7 +445,7 @@ async fn slow_broker_degrades_throughput_but_nothing_fails() {
     let (producer_metrics, consumer_metrics) = s.stop().await;
     let failures = metric_sum(&producer_metrics, "courier_publish_failures_total", &[])
         + metric_sum(&consumer_metrics, "courier_publish_failures_total", &[]);
-    let dlq = k.read_all(&k.dlq, 0, Duration::from_millis(500)).len();
+    let dlq = k.kafka().read_to_end(&k.dlq, Duration::from_secs(10)).len();
     println!(
         "RELIABILITY slow-broker: {} publish_failures={failures} dlq={dlq} retries={}",
         figures.join(" | "),

@@ -20,7 +20,8 @@ use courier::model::{CourierHeaders, Delivery, Envelope, HeaderKey, Headers, Out
 use courier::service::builtin::LogProcessor;
 use courier::service::{ProcessError, Processor};
 use courier::testing::{
-    eventually, header, http_request, start_consumer, start_producer, wait_ready, TestKafka,
+    eventually, header, http_get, http_request, metric_sum, start_consumer, start_producer,
+    wait_ready, TestKafka,
 };
 use parking_lot::Mutex;
 use proptest::prelude::*;
@@ -464,6 +465,240 @@ async fn ingest_fuzz_always_4xx_json_and_publishes_nothing() {
     );
     assert_eq!(ends, vec![0], "nothing was published by malformed requests");
     assert_eq!(status, 200, "a valid event is still accepted: {body}");
+}
+
+/// Seeded fuzz of the `Authorization` header with ingest authentication on
+/// (`HTTP_AUTH_TOKENS_FILE`): every request carries a valid event, and none may get past
+/// authentication. Only exact tokens of the file pass; everything else gets 401 (403 for a
+/// valid token without rights to the topic) with a JSON error and a Bearer challenge, and
+/// nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_fuzz_authorization_headers_never_get_through() {
+    /// POST with one `Authorization` header per item (raw bytes): (status, whether a
+    /// `WWW-Authenticate: Bearer realm="courier"...` came back, body).
+    async fn post(addr: std::net::SocketAddr, path: &str, auth: &[Vec<u8>]) -> (u16, bool, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = br#"{"type":"must_not_be_published"}"#;
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        for a in auth {
+            req.extend_from_slice(b"Authorization: ");
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        req.extend_from_slice(body);
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = s.write_all(&req).await;
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let challenge = head.lines().any(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("www-authenticate: bearer realm=\"courier\"")
+        });
+        (status, challenge, body.to_owned())
+    }
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/";
+    let seed = seed();
+    println!("ingest auth fuzz seed={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let k = TestKafka::new(1);
+    let other = format!("{}-other", k.source);
+    k.broker.create_topic(&other, 1).unwrap();
+    let token = |rng: &mut StdRng| -> String {
+        (0..32)
+            .map(|_| B64[rng.random_range(0..62)] as char)
+            .collect()
+    };
+    let (a, b) = (token(&mut rng), token(&mut rng));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, format!("{a}\n{b} {other}\n")).unwrap();
+    let env = [
+        ("HTTP_AUTH_TOKENS_FILE", file.to_str().unwrap()),
+        ("KAFKA_PRODUCER_ALLOWED_TOPICS", other.as_str()),
+    ];
+    let (p, shutdown) = start_producer(k.config(&env)).await;
+    wait_ready(&format!("http://{}/readyz", p.ops_addr), T).await;
+    let paths = [
+        "/v1/events".to_string(),
+        format!("/v1/topics/{}/events", k.source),
+    ];
+    // Bytes a header value may hold on the wire: visible ASCII, space, tab, obs-text.
+    let header_byte = |rng: &mut StdRng| -> u8 {
+        match rng.random_range(0..10) {
+            0 => b'\t',
+            1 => rng.random_range(0x80..=0xff),
+            _ => rng.random_range(0x20..=0x7e),
+        }
+    };
+    let mutate = |rng: &mut StdRng, t: &str| -> String {
+        let mut s = t.as_bytes().to_vec();
+        match rng.random_range(0..6) {
+            0 => {
+                let i = rng.random_range(0..s.len());
+                let was = s[i];
+                while s[i] == was {
+                    s[i] = B64[rng.random_range(0..B64.len())];
+                }
+            }
+            1 => s.truncate(rng.random_range(0..s.len())),
+            2 => s.extend((0..rng.random_range(1..8)).map(|_| B64[rng.random_range(0..B64.len())])),
+            3 => s.extend(std::iter::repeat_n(b'=', rng.random_range(1..4))),
+            4 => {
+                // Not first: whitespace before the token is allowed.
+                let i = rng.random_range(1..s.len());
+                s.insert(i, header_byte(rng));
+            }
+            _ => s.make_ascii_uppercase(),
+        }
+        let m = String::from_utf8_lossy(&s).into_owned();
+        if m == t {
+            format!("{m}Z")
+        } else {
+            m
+        }
+    };
+    let requests = 300;
+    let mut failures = Vec::new();
+    let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
+    let started = Instant::now();
+    for i in 0..requests {
+        let bearer = |t: &str| format!("Bearer {t}").into_bytes();
+        let (what, auth, want): (&str, Vec<Vec<u8>>, u16) = match i % 10 {
+            0 => ("no header", vec![], 401),
+            1 => {
+                let n = rng.random_range(0..200);
+                (
+                    "random bytes",
+                    vec![(0..n).map(|_| header_byte(&mut rng)).collect()],
+                    401,
+                )
+            }
+            2 => {
+                let scheme = [
+                    "Basic",
+                    "Token",
+                    "Bearer:",
+                    "Bearer=",
+                    "Digest",
+                    "Beare",
+                    "Bearerr",
+                    "Negotiate",
+                ];
+                let s = scheme[rng.random_range(0..scheme.len())];
+                let t = if rng.random_bool(0.5) {
+                    a.clone()
+                } else {
+                    token(&mut rng)
+                };
+                ("another scheme", vec![format!("{s} {t}").into_bytes()], 401)
+            }
+            3 => {
+                let n = rng.random_range(1..300);
+                let t: String = (0..n)
+                    .map(|_| B64[rng.random_range(0..B64.len())] as char)
+                    .collect();
+                ("a random token", vec![bearer(&t)], 401)
+            }
+            4 => (
+                "a near miss of the token",
+                vec![bearer(&mutate(&mut rng, &a))],
+                401,
+            ),
+            5 => {
+                let sep = [",", ":", "", "=", "/", ";"];
+                let s = sep[rng.random_range(0..sep.len())];
+                (
+                    "the token glued to the scheme",
+                    vec![format!("Bearer{s}{a}").into_bytes()],
+                    401,
+                )
+            }
+            6 => {
+                let second = if rng.random_bool(0.5) {
+                    bearer(&a)
+                } else {
+                    bearer(&token(&mut rng))
+                };
+                ("two Authorization headers", vec![bearer(&a), second], 401)
+            }
+            7 => ("a token limited to another topic", vec![bearer(&b)], 403),
+            8 => {
+                let n = rng.random_range(1_000..16_000);
+                let t: String = (0..n)
+                    .map(|_| B64[rng.random_range(0..B64.len())] as char)
+                    .collect();
+                ("a long token", vec![bearer(&t)], 401)
+            }
+            _ => {
+                let mut v = b"Bearer ".to_vec();
+                v.extend((0..rng.random_range(1..64)).map(|_| header_byte(&mut rng)));
+                ("bearer and random bytes", vec![v], 401)
+            }
+        };
+        let path = &paths[i % 2];
+        let (status, challenge, body) = tokio::time::timeout(T, post(p.http_addr, path, &auth))
+            .await
+            .unwrap_or((0, false, String::new()));
+        *by_status.entry(status).or_default() += 1;
+        let json_error = serde_json::from_str::<Value>(&body)
+            .ok()
+            .is_some_and(|v| v["error"].is_string());
+        if status != want || !challenge || !json_error {
+            failures.push(format!(
+                "#{i} {what} on {path}: got {status} (want {want}), challenge {challenge}, body {body:.200}, header {:.120}",
+                auth.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect::<Vec<_>>().join(" | ")
+            ));
+        }
+    }
+    let published = k.end_offsets(&k.source)[0] + k.end_offsets(&other)[0];
+    let (_, metrics) = http_get(&format!("http://{}/metrics", p.ops_addr)).await;
+    let counted = metric_sum(&metrics, "courier_http_requests_total", &["status=\"401\""])
+        + metric_sum(&metrics, "courier_http_requests_total", &["status=\"403\""]);
+    // The tokens themselves still work.
+    let (ok_a, _, _) = post(
+        p.http_addr,
+        &paths[0],
+        &[format!("Bearer {a}").into_bytes()],
+    )
+    .await;
+    let (ok_b, _, _) = post(
+        p.http_addr,
+        &format!("/v1/topics/{other}/events"),
+        &[format!("Bearer {b}").into_bytes()],
+    )
+    .await;
+    shutdown.cancel();
+    let _ = p.done.await;
+    println!(
+        "RELIABILITY ingest-auth-fuzz: requests={requests} statuses={by_status:?} failures={} \
+         published_by_refused={published} counted_401_403={counted} took_ms={} seed={seed}",
+        failures.len(),
+        started.elapsed().as_millis()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} requests were not refused with the right status, a JSON error and a Bearer challenge:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(published, 0, "a refused request published");
+    assert_eq!(
+        counted, requests as f64,
+        "courier_http_requests_total counts every refusal"
+    );
+    assert_eq!((ok_a, ok_b), (200, 200), "the file's tokens publish");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 //! take one event object or a JSON array of them. It reads and checks the request, hands the
 //! events to `service::ingest` (every event validated before anything is published), and
 //! answers after the broker's acknowledgement of every event, with a status that says what
-//! the client can do. Requests are counted by matched route and status.
+//! the client can do. Requests are counted by matched route and status. Optionally behind
+//! bearer tokens (`auth`) and TLS (`tls`), whose files are re-read while running (`watch`).
 
+pub(crate) mod auth;
 mod request;
 mod response;
 #[cfg(test)]
 mod tests;
+pub(crate) mod tls;
+pub(crate) mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;

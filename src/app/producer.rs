@@ -7,7 +7,9 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, IngestConfig};
+use crate::api::tls::{self, TlsConfig, TlsListener};
+use crate::api::watch::{spawn_reloader, Reload, Watched};
+use crate::api::{self, auth, IngestConfig};
 use crate::config::Config;
 use crate::observability::{serve_ops, Metrics, Readiness};
 use crate::service::generator::{
@@ -116,13 +118,18 @@ pub struct RunningProducer {
 /// reached and no HTTP API is wanted).
 ///
 /// # Errors
-/// When the client cannot be created or an address cannot be bound.
+/// When the client cannot be created, an address cannot be bound, or the ingest token or
+/// TLS files (`HTTP_AUTH_TOKENS_FILE`, `HTTP_TLS_*`) cannot be read or do not parse.
 pub async fn start(
     config: Config,
     opts: ProducerOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningProducer> {
     let metrics = opts.metrics.clone().unwrap_or_default();
+    let ingest = IngestConfig::from_config(&config);
+    // The token and TLS files first: a missing or broken one stops the start-up before any
+    // client is created.
+    let security = IngestSecurity::load(&config, &ingest)?;
     let readiness = Readiness::new(metrics.clone(), false);
     crate::app::auto_create_topics(&config).await;
     let kafka = Arc::new(KafkaPublisher::new(&config, metrics.clone())?);
@@ -137,13 +144,21 @@ pub async fn start(
     )
     .await?;
     let app = api::router(
-        IngestConfig::from_config(&config),
+        ingest.clone(),
         publisher.clone(),
         readiness,
-        metrics,
+        metrics.clone(),
         ledger.clone(),
     );
-    let (http_addr, http_task) = serve_ingest(config.http.addr, app, shutdown.clone()).await?;
+    let app = security.protect(app, &ingest, &metrics);
+    let (http_addr, http_task) = serve_ingest(
+        config.http.addr,
+        app,
+        security.tls.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    security.watch(metrics, shutdown.clone());
     let stats = Arc::new(GeneratorStats::default());
     let gen_task = opts.generate.clone().map(|g| {
         let (p, l, s) = (publisher.clone(), ledger.clone(), stats.clone());
@@ -155,7 +170,14 @@ pub async fn start(
     {
         spawn_progress(stats.clone(), shutdown.clone());
     }
-    tracing::info!(http = %http_addr, ops = %ops_addr, topic = %config.producer.topic, brokers = %config.kafka.brokers, "The producer is running.");
+    let scheme = if security.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let client_certs = config.http.tls_client_ca_file.is_some();
+    let bearer_tokens = security.tokens.is_some();
+    tracing::info!(http = %http_addr, scheme, client_certs, bearer_tokens, ops = %ops_addr, topic = %config.producer.topic, brokers = %config.kafka.brokers, "The producer is running.");
     let flush_timeout = config.producer.flush_timeout;
     let done_ledger = ledger.clone();
     let done = tokio::spawn(async move {
@@ -186,22 +208,78 @@ pub async fn start(
     })
 }
 
-/// Binds the ingest API on `addr` and serves it until `shutdown`, letting in-flight requests
-/// finish. Returns the bound address.
+/// The ingest listener's token and TLS files (each optional), loaded and watched.
+struct IngestSecurity {
+    tokens: Option<Arc<auth::Tokens>>,
+    tls: Option<Arc<Watched<TlsConfig>>>,
+}
+
+impl IngestSecurity {
+    /// Loads the files the configuration names.
+    ///
+    /// # Errors
+    /// A file that is missing, unreadable or malformed, named with its variable.
+    fn load(config: &Config, ingest: &IngestConfig) -> anyhow::Result<Self> {
+        let tokens = config
+            .http
+            .auth_tokens_file
+            .as_deref()
+            .map(|path| auth::load(path, &ingest.allowed_topics))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let tls = tls::load(&config.http).map_err(anyhow::Error::msg)?;
+        Ok(IngestSecurity { tokens, tls })
+    }
+
+    /// `app` behind the bearer tokens, when there are any.
+    fn protect(&self, app: axum::Router, ingest: &IngestConfig, metrics: &Metrics) -> axum::Router {
+        match &self.tokens {
+            Some(t) => auth::require_tokens(app, ingest, t.clone(), metrics.clone()),
+            None => app,
+        }
+    }
+
+    /// Re-reads the files when they change and on SIGHUP, until `shutdown`.
+    fn watch(&self, metrics: Metrics, shutdown: CancellationToken) {
+        let mut watched: Vec<Arc<dyn Reload>> = Vec::new();
+        if let Some(t) = &self.tokens {
+            watched.push(t.clone());
+        }
+        if let Some(t) = &self.tls {
+            watched.push(t.clone());
+        }
+        spawn_reloader(watched, metrics, shutdown);
+    }
+}
+
+/// Binds the ingest API on `addr` and serves it, over TLS when `tls` is set, until
+/// `shutdown`, letting in-flight requests finish. Returns the bound address.
 async fn serve_ingest(
     addr: SocketAddr,
     app: axum::Router,
+    tls: Option<Arc<Watched<TlsConfig>>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("HTTP_ADDR={addr}: cannot listen: {e}"))?;
     let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
+    let stop = async move { shutdown.cancelled().await };
+    let task = match tls {
+        None => tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await;
+        }),
+        Some(tls) => {
+            let listener = TlsListener::new(listener, tls)?;
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await;
+            })
+        }
+    };
     Ok((bound, task))
 }
 

@@ -307,6 +307,18 @@ settings! {
         #[serde(with = "super::values::ms")]
         request_timeout: Duration = ms(10_000), env HTTP_REQUEST_TIMEOUT_MS,
             key "request_timeout_ms";
+        /// file of the bearer tokens ingest requires, one a line, each optionally followed by the topics it may publish to (unset: no authentication); re-read on change and on SIGHUP
+        #[serde(with = "super::values::optional")]
+        auth_tokens_file: Option<String> = None, env HTTP_AUTH_TOKENS_FILE;
+        /// PEM certificate chain of the ingest listener; with HTTP_TLS_KEY_FILE it serves HTTPS only; re-read on change and on SIGHUP
+        #[serde(with = "super::values::optional")]
+        tls_cert_file: Option<String> = None, env HTTP_TLS_CERT_FILE;
+        /// PEM private key of HTTP_TLS_CERT_FILE
+        #[serde(with = "super::values::optional")]
+        tls_key_file: Option<String> = None, env HTTP_TLS_KEY_FILE;
+        /// PEM CA certificates of ingest clients: turns on mutual TLS (a client without a certificate they signed is refused at the handshake)
+        #[serde(with = "super::values::optional")]
+        tls_client_ca_file: Option<String> = None, env HTTP_TLS_CLIENT_CA_FILE;
     }
 }
 

@@ -290,6 +290,28 @@ impl HttpConfig {
         c.range("max_body_bytes", self.max_body_bytes, 64, 1_073_741_824);
         c.range("max_batch_events", self.max_batch_events, 1, 100_000);
         c.millis("request_timeout", self.request_timeout, 1, HOUR_MS);
+        // HTTPS needs both halves; mutual TLS needs HTTPS. The files themselves are read by
+        // the producer at start-up (the consumer never opens them).
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => c.fail(
+                "tls_key_file",
+                "",
+                "a PEM private key file when HTTP_TLS_CERT_FILE is set",
+            ),
+            (None, Some(_)) => c.fail(
+                "tls_cert_file",
+                "",
+                "a PEM certificate file when HTTP_TLS_KEY_FILE is set",
+            ),
+            _ => {}
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            c.fail(
+                "tls_cert_file",
+                "",
+                "HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE when HTTP_TLS_CLIENT_CA_FILE is set (mutual TLS needs HTTPS)",
+            );
+        }
     }
 }
 

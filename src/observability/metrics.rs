@@ -77,6 +77,10 @@ metrics! {
     held_messages: IntGauge = gauge("held_messages", "Messages holding their partition because their retry or DLQ publish fails for a reason that will not heal by itself.");
     /// `courier_http_requests_total{route,status}`: ingest API requests by matched route.
     http_requests: IntCounterVec = counter_vec("http_requests_total", "Ingest API requests by matched route and status.", ["route", "status"]);
+    /// `courier_file_reloads_total{file,result}`: re-reads of the ingest token file
+    /// (`tokens`) and TLS files (`tls`) after a change or SIGHUP, ok or error (an error keeps
+    /// the last good set).
+    file_reloads: IntCounterVec = counter_vec("file_reloads_total", "Re-reads of the ingest tokens and TLS files by file (tokens, tls) and result (ok, error; an error keeps the last good set).", ["file", "result"]);
     /// `courier_commits_total{result}`: offset commits, ok or error.
     commits: IntCounterVec = counter_vec("commits_total", "Offset commits by result.", ["result"]);
     /// `courier_circuit_state`: 0 closed, 1 open, 2 half-open.
