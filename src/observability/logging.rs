@@ -21,9 +21,12 @@ where
             .add_directive("rdkafka=warn".parse().expect("static directive parses"))
             .add_directive("librdkafka=warn".parse().expect("static directive parses"))
     };
+    // A failed write (a full disk, a closed pipe) drops the line: by default the formatter
+    // reports it with `eprintln!`, which panics when stderr itself cannot be written.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        .log_internal_errors(false);
     let _ = match config.format {
         LogFormat::Json => builder
             .json()

@@ -43,6 +43,8 @@ pub(crate) struct LiveCounts {
     pub(crate) lag: i64,
     /// `courier_circuit_state`: 0 closed, 1 open, 2 half-open.
     pub(crate) circuit: i64,
+    /// `courier_circuit_transitions_total{to="open"}`: how often the circuit opened.
+    pub(crate) circuit_opened: u64,
 }
 
 impl LiveCounts {
@@ -73,6 +75,9 @@ impl LiveCounts {
                     },
                     "courier_consumer_lag" => c.lag += m.get_gauge().get_value() as i64,
                     "courier_circuit_state" => c.circuit = m.get_gauge().get_value() as i64,
+                    "courier_circuit_transitions_total" if label("to") == "open" => {
+                        c.circuit_opened += count
+                    }
                     _ => {}
                 }
             }
@@ -101,12 +106,15 @@ impl LiveCounts {
         self.produced.saturating_sub(self.finished())
     }
 
-    /// One progress line, within about 80 columns for four-digit counts.
-    pub(crate) fn line(&self, elapsed: Duration) -> String {
+    /// One progress line, within about 80 columns for four-digit counts. `opened_since`:
+    /// how often the circuit opened since the previous line, so that an open phase between
+    /// two lines still shows.
+    pub(crate) fn line(&self, elapsed: Duration, opened_since: u64) -> String {
         let retried: Vec<String> = self.retried.iter().map(u64::to_string).collect();
         let circuit = match self.circuit {
             1 => "OPEN",
             2 => "half-open",
+            _ if opened_since > 0 => "closed (was OPEN)",
             _ => "closed",
         };
         format!(
@@ -131,6 +139,8 @@ pub(super) struct Progress {
     started: Instant,
     last: Option<Instant>,
     line_open: bool,
+    /// `circuit_opened` at the previous line.
+    opened_before: u64,
 }
 
 impl Progress {
@@ -142,6 +152,7 @@ impl Progress {
             // Plain lines start after one period; a live line at once.
             last: matches!(style, ProgressStyle::Lines { .. }).then_some(now),
             line_open: false,
+            opened_before: 0,
         }
     }
 
@@ -155,7 +166,9 @@ impl Progress {
             return;
         }
         self.last = Some(Instant::now());
-        let line = snap.line(self.started.elapsed());
+        let opened_since = snap.circuit_opened.saturating_sub(self.opened_before);
+        self.opened_before = snap.circuit_opened;
+        let line = snap.line(self.started.elapsed(), opened_since);
         let _ = match self.style {
             ProgressStyle::Live => {
                 self.line_open = true;
@@ -214,11 +227,43 @@ mod tests {
         );
         assert_eq!(c.retried, vec![0, 2, 0]);
         assert_eq!((c.finished(), c.pending()), (10, 0));
-        let line = c.line(Duration::from_secs(3));
+        let line = c.line(Duration::from_secs(3), 0);
         assert!(
             line.contains("retried 0/2/0 dlq 1 dup 2 pending 0 lag 4"),
             "{line}"
         );
         assert_eq!(t.chain_delay(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_open_phase_between_two_lines_still_shows() {
+        let m = Metrics::new();
+        let t = DemoTopics::example();
+        let mut out = Vec::new();
+        let mut p = Progress::new(ProgressStyle::Lines {
+            every: Duration::from_secs(3600),
+            clear_line: false,
+        });
+        p.tick(&mut out, &LiveCounts::read(&m, &t), true);
+        // The circuit opens and closes again before the next line.
+        m.circuit_transitions.with_label_values(&["open"]).inc();
+        m.circuit_transitions
+            .with_label_values(&["half_open"])
+            .inc();
+        m.circuit_transitions.with_label_values(&["closed"]).inc();
+        p.tick(&mut out, &LiveCounts::read(&m, &t), true);
+        p.tick(&mut out, &LiveCounts::read(&m, &t), true);
+        m.circuit_state.set(1);
+        p.tick(&mut out, &LiveCounts::read(&m, &t), true);
+        let text = String::from_utf8(out).unwrap();
+        let states: Vec<&str> = text
+            .lines()
+            .map(|l| l.split(" circuit ").nth(1).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            states,
+            ["closed", "closed (was OPEN)", "closed", "OPEN"],
+            "{text}"
+        );
     }
 }
