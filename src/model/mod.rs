@@ -171,6 +171,22 @@ impl Delivery {
         trace::trace_id_of(&self.headers)
     }
 
+    /// Its `courier-replayed-at-ms` header alone, as [`CourierHeaders::parse`] reads it (a
+    /// malformed value is absent), without parsing the other courier headers: dedupe looks
+    /// at it for every message.
+    pub fn replayed_at_ms(&self) -> Option<i64> {
+        let raw = self.header(HEADER_REPLAYED_AT_MS)?;
+        if raw.len() > 32 {
+            return None;
+        }
+        std::str::from_utf8(raw)
+            .ok()?
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+    }
+
     /// The courier headers of this message, parsed leniently.
     pub fn courier_headers(&self) -> CourierHeaders {
         CourierHeaders::parse(&self.headers)
@@ -792,6 +808,25 @@ mod tests {
             };
         }
         assert_eq!(d.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
+
+    #[test]
+    fn replayed_at_ms_reads_that_header_as_the_full_parse_does() {
+        for value in ["1700", " 1700 ", "-1", "x", "", &"9".repeat(33)] {
+            let d = delivery(vec![h(HEADER_REPLAYED_AT_MS, value)]);
+            assert_eq!(
+                d.replayed_at_ms(),
+                d.courier_headers().replayed_at_ms,
+                "{value:?}"
+            );
+        }
+        let d = delivery(vec![(HEADER_REPLAYED_AT_MS.into(), Some(vec![0xff]))]);
+        assert_eq!(d.replayed_at_ms(), None);
+        assert_eq!(delivery(vec![]).replayed_at_ms(), None);
+        assert_eq!(
+            delivery(vec![h(HEADER_REPLAYED_AT_MS, "42")]).replayed_at_ms(),
+            Some(42)
+        );
     }
 
     #[test]

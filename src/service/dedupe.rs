@@ -28,6 +28,11 @@ pub enum Claim {
     InProgress,
 }
 
+/// The keyed hasher of the map: foldhash, seeded at random per store (message ids come
+/// from producers, so the seed keeps collisions out of their hands), several times faster
+/// than the default SipHash on short ids.
+type IdHasher = foldhash::fast::RandomState;
+
 /// A store of message ids: claimed atomically before processing, recorded as done on success,
 /// released on failure so a retry can run.
 ///
@@ -81,9 +86,10 @@ impl Slot {
 /// Done entries in completion order; only touched under the mutex in [`MemoryDedupe`].
 #[derive(Debug, Default)]
 struct DoneQueue {
-    /// `(id, seq)` of each completion, oldest first; items whose seq no longer matches the
-    /// map are stale and are skipped.
-    items: VecDeque<(Arc<str>, u64)>,
+    /// `(id, seq, at)` of each completion, oldest first; items whose seq no longer matches
+    /// the map are stale and are skipped. `at` is the entry's insertion instant, so the
+    /// front's expiry is known without a map lookup.
+    items: VecDeque<(Arc<str>, u64, Instant)>,
     /// The sequence number of the next completion.
     next_seq: u64,
 }
@@ -97,7 +103,7 @@ struct DoneQueue {
 #[derive(Debug)]
 pub struct MemoryDedupe {
     /// Every id that is in progress or done.
-    entries: DashMap<Arc<str>, Slot>,
+    entries: DashMap<Arc<str>, Slot, IdHasher>,
     /// Completion order for eviction. Lock order: this mutex, then a map shard, never the
     /// reverse (`claim` and `release` only take shard locks).
     queue: Mutex<DoneQueue>,
@@ -116,7 +122,7 @@ impl MemoryDedupe {
     /// A zero `ttl` means done entries expire at once, which also lets every claim through.
     pub fn new(ttl: std::time::Duration, capacity: usize) -> Self {
         Self {
-            entries: DashMap::new(),
+            entries: DashMap::with_hasher(IdHasher::default()),
             queue: Mutex::new(DoneQueue::default()),
             done_count: AtomicUsize::new(0),
             ttl,
@@ -134,26 +140,23 @@ impl MemoryDedupe {
         at.elapsed() >= self.ttl
     }
 
-    /// Pops the FIFO front while it is stale, expired, or while there are more done entries
-    /// than the capacity. Called with the queue mutex held.
-    fn evict(&self, queue: &mut DoneQueue) {
-        while let Some((id, seq)) = queue.items.front() {
-            // The map guard is dropped at the end of this statement, before `remove_if`
-            // locks the same shard again.
-            let live_at = self.entries.get(id).and_then(|slot| slot.done_at(*seq));
-            if let Some(at) = live_at {
-                let over = self.done_count.load(Ordering::Acquire) > self.capacity;
-                if !over && !self.expired(at) {
-                    break;
-                }
-                // A concurrent claim may have turned the entry into InProgress meanwhile:
-                // the seq check keeps that claim.
-                let removed = self
-                    .entries
-                    .remove_if(id, |_, slot| slot.done_at(*seq).is_some());
-                if removed.is_some() {
-                    self.done_count.fetch_sub(1, Ordering::AcqRel);
-                }
+    /// Pops the FIFO front while it is expired, or while there are more done entries than
+    /// the capacity (a stale front item is popped on the way; the others are left to
+    /// [`MemoryDedupe::compact`]). One map operation per popped item, and no clock read:
+    /// `now` is the caller's. Called with the queue mutex held.
+    fn evict(&self, queue: &mut DoneQueue, now: Instant) {
+        while let Some((id, seq, at)) = queue.items.front() {
+            let over = self.done_count.load(Ordering::Acquire) > self.capacity;
+            if !over && now.saturating_duration_since(*at) < self.ttl {
+                break;
+            }
+            // A concurrent claim may have turned the entry into InProgress meanwhile, or a
+            // later completion replaced it: the seq check keeps both.
+            let removed = self
+                .entries
+                .remove_if(id, |_, slot| slot.done_at(*seq).is_some());
+            if removed.is_some() {
+                self.done_count.fetch_sub(1, Ordering::AcqRel);
             }
             queue.items.pop_front();
         }
@@ -166,7 +169,7 @@ impl MemoryDedupe {
         if queue.items.len() <= live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
             return;
         }
-        queue.items.retain(|(id, seq)| {
+        queue.items.retain(|(id, seq, _)| {
             self.entries
                 .get(id)
                 .is_some_and(|slot| slot.done_at(*seq).is_some())
@@ -213,29 +216,41 @@ impl DedupeStore for MemoryDedupe {
         let mut queue = self.queue.lock();
         let seq = queue.next_seq;
         queue.next_seq += 1;
+        let at = Instant::now();
         let slot = Slot::Done {
             done_ms: now_ms,
-            at: Instant::now(),
+            at,
             seq,
         };
-        let key = match self.entries.entry(Arc::from(id)) {
-            Entry::Vacant(vacant) => {
-                let key = Arc::clone(vacant.key());
-                vacant.insert(slot);
+        // Usually the caller's claim is there: update it in place, sharing its key (no new
+        // allocation for the id); otherwise insert.
+        let existing = self.entries.get_mut(id).map(|mut entry| {
+            if !entry.is_done() {
                 self.done_count.fetch_add(1, Ordering::AcqRel);
-                key
             }
-            Entry::Occupied(mut occupied) => {
-                if !occupied.get().is_done() {
+            *entry = slot;
+            Arc::clone(entry.key())
+        });
+        let key = match existing {
+            Some(key) => key,
+            None => match self.entries.entry(Arc::from(id)) {
+                Entry::Vacant(vacant) => {
+                    let key = Arc::clone(vacant.key());
+                    vacant.insert(slot);
                     self.done_count.fetch_add(1, Ordering::AcqRel);
+                    key
                 }
-                occupied.insert(slot);
-                // Share the map's key instead of storing the id twice.
-                Arc::clone(occupied.key())
-            }
+                Entry::Occupied(mut occupied) => {
+                    if !occupied.get().is_done() {
+                        self.done_count.fetch_add(1, Ordering::AcqRel);
+                    }
+                    occupied.insert(slot);
+                    Arc::clone(occupied.key())
+                }
+            },
         };
-        queue.items.push_back((key, seq));
-        self.evict(&mut queue);
+        queue.items.push_back((key, seq, at));
+        self.evict(&mut queue, at);
         self.compact(&mut queue);
     }
 

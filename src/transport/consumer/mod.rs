@@ -16,7 +16,6 @@
 mod rebalance;
 mod state;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -36,7 +35,7 @@ use crate::service::source::{DeliveryBatch, DriverControl, DriverEvent, Epoch, T
 use crate::transport::context::ErrorLimiter;
 use crate::transport::settings::{client_config, ClientRole};
 use rebalance::DriverContext;
-use state::{apply_commands, tpl_of, Commands, FailedCommits, Shared};
+use state::{apply_commands, tpl_of, Assignments, Commands, FailedCommits, Shared};
 
 /// Messages taken from librdkafka per poll round and sent to the pipeline as one batch.
 const MAX_BATCH: usize = 256;
@@ -122,7 +121,7 @@ pub fn start(
 ) -> Result<Driver, KafkaError> {
     let shared = Arc::new(Shared {
         commands: Mutex::new(Commands::default()),
-        assigned: Mutex::new(HashMap::new()),
+        assigned: Mutex::new(Assignments::default()),
         failed: Mutex::new(FailedCommits::default()),
         next_epoch: AtomicU64::new(1),
         closing: AtomicBool::new(false),
@@ -196,35 +195,63 @@ fn subscription(sources: &[String], retry_prefix: &str) -> Vec<String> {
     topics
 }
 
+/// The poll loop's last look-up of a partition's fetch epoch: messages come in runs of one
+/// partition, so most need neither a new `Tp` nor a map look-up. Valid while the
+/// assignments' version is the same.
+struct EpochMemo {
+    tp: Tp,
+    version: u64,
+    epoch: Option<Epoch>,
+}
+
+impl EpochMemo {
+    /// The fetch epoch of `topic`/`partition`, if it is assigned.
+    fn epoch(&mut self, shared: &Shared, topic: &str, partition: i32) -> Option<Epoch> {
+        let assigned = shared.assigned.lock();
+        let same = self.version == assigned.version()
+            && self.tp.partition == partition
+            && self.tp.topic == topic;
+        if !same {
+            if self.tp.topic != topic {
+                self.tp.topic = topic.to_owned();
+            }
+            self.tp.partition = partition;
+            self.version = assigned.version();
+            self.epoch = assigned.get(&self.tp).map(|a| a.fetch_epoch);
+        }
+        self.epoch
+    }
+}
+
 /// One poll round: up to [`MAX_BATCH`] messages or [`MAX_BATCH_BYTES`], each tagged with its
 /// partition's fetch epoch (messages of partitions not assigned are dropped: they are
 /// fetched again by their owner).
-fn poll_batch(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> DeliveryBatch {
+fn poll_batch(
+    consumer: &BaseConsumer<DriverContext>,
+    shared: &Shared,
+    memo: &mut EpochMemo,
+) -> DeliveryBatch {
     let mut batch: DeliveryBatch = Vec::new();
     let mut bytes = 0;
     let mut wait = POLL_WAIT;
     while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
         match consumer.poll(wait) {
-            Some(Ok(m)) => {
-                let epoch = shared
-                    .assigned
-                    .lock()
-                    .get(&Tp::new(m.topic(), m.partition()))
-                    .map(|a| a.fetch_epoch);
-                if epoch.is_none() {
-                    tracing::debug!(
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        "Dropped a message of a partition that is not assigned."
-                    );
-                }
-                if let Some(epoch) = epoch {
+            Some(Ok(m)) => match memo.epoch(shared, m.topic(), m.partition()) {
+                Some(epoch) => {
+                    if batch.capacity() == 0 {
+                        batch.reserve_exact(MAX_BATCH);
+                    }
                     let d = to_delivery(&m);
                     bytes += d.size_bytes();
                     batch.push((d, epoch));
                 }
-            }
+                None => tracing::debug!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "Dropped a message of a partition that is not assigned."
+                ),
+            },
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "Consumer error.");
                 break;
@@ -297,6 +324,11 @@ fn poll_loop(
     // committing anything more, so another member takes over from the last commit.
     let mut pipeline_gone: Option<std::time::Instant> = None;
     let mut last_check = std::time::Instant::now();
+    let mut memo = EpochMemo {
+        tp: Tp::new(String::new(), -1),
+        version: u64::MAX,
+        epoch: None,
+    };
     loop {
         if let Some(offsets) = apply_commands(&consumer, &shared) {
             shared.closing.store(true, Ordering::SeqCst);
@@ -318,7 +350,7 @@ fn poll_loop(
             last_check = std::time::Instant::now();
             consumer.context().reconcile(&consumer);
         }
-        let batch = poll_batch(&consumer, &shared);
+        let batch = poll_batch(&consumer, &shared, &mut memo);
         if (!batch.is_empty() && deliveries.blocking_send(batch).is_err()) || deliveries.is_closed()
         {
             pipeline_gone = Some(std::time::Instant::now());
