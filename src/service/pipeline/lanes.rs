@@ -13,7 +13,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::Outcome;
+use crate::model::{Delivery, Outcome};
 use crate::observability::events::{At, HandlingPanicked};
 use crate::service::source::{Epoch, Tp};
 use crate::service::worker::{Forward, Job, Step, WorkerContext};
@@ -78,7 +78,8 @@ pub(super) struct LaneJob {
 pub(super) struct Completion {
     pub(super) tp: Arc<Tp>,
     pub(super) generation: Epoch,
-    pub(super) offset: i64,
+    /// The message, back to the pipeline (which hands it back to the driver to free).
+    pub(super) delivery: Delivery,
     pub(super) bytes: usize,
     /// The gate the job entered: the pipeline leaves it once the completion is recorded.
     pub(super) entered: Option<Arc<Gate>>,
@@ -141,7 +142,7 @@ fn completion(lj: LaneJob, entered: bool, outcome: Outcome) -> Completion {
     Completion {
         tp: lj.tp,
         generation: lj.generation,
-        offset: lj.job.delivery.offset,
+        delivery: lj.job.delivery,
         bytes: lj.bytes,
         entered: entered.then_some(lj.gate),
         outcome,

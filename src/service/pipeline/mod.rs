@@ -72,7 +72,7 @@ struct State {
     /// Jobs accepted for each lane and not handed over yet: one hand-over per lane and
     /// round of `accept_pending`, not one per message.
     lane_batches: Vec<Vec<LaneJob>>,
-    parts: HashMap<Tp, Part>,
+    parts: HashMap<Tp, Part, foldhash::fast::RandomState>,
     /// The partition of the last accepted delivery: deliveries come in runs of one
     /// partition, so most look-ups reuse it instead of building a `Tp`.
     last_tp: Option<Arc<Tp>>,
@@ -83,6 +83,8 @@ struct State {
     draining: bool,
     pause_dirty: bool,
     pending: VecDeque<(Delivery, Epoch)>,
+    /// Deliveries the pipeline is done with, to hand back to the driver (see `spend`).
+    spent: DeliveryBatch,
     revoke: Option<PendingRevoke>,
     summary: ConsumerSummary,
     topic_counters: HashMap<String, TopicCounters>,
@@ -96,6 +98,9 @@ struct State {
 /// rebalance, or a late commit of an older owner that overwrote it, is then repaired
 /// within this time instead of waiting for the partition's next message.
 pub(crate) const REASSERT_COMMITS: Duration = Duration::from_secs(5);
+
+/// Spent deliveries handed back to the driver at once.
+const RECYCLE_BATCH: usize = 256;
 
 /// Completions taken per turn of the pipeline's loop at most.
 const COMPLETIONS_PER_TURN: usize = 512;
@@ -180,7 +185,7 @@ pub async fn run(
                 break;
             }
             batch = deliveries.recv(), if can_read => match batch {
-                Some(b) => st.pending.extend(b),
+                Some(b) => st.take_batch(b),
                 None if !st.draining => {
                     st.start_draining();
                     drain_deadline = deadline_after(cfg.shutdown_timeout);
@@ -211,7 +216,7 @@ impl State {
             control,
             lane_batches: (0..lanes.len()).map(|_| Vec::new()).collect(),
             lanes,
-            parts: HashMap::new(),
+            parts: HashMap::default(),
             last_tp: None,
             in_flight: 0,
             in_flight_bytes: 0,
@@ -220,6 +225,7 @@ impl State {
             draining: false,
             pause_dirty: false,
             pending: VecDeque::new(),
+            spent: Vec::new(),
             revoke: None,
             summary: ConsumerSummary::new(),
             topic_counters: HashMap::new(),
@@ -328,7 +334,9 @@ impl State {
             .as_deref()
             .and_then(|tp| self.parts.get_mut(tp))
         else {
-            return; // not assigned (any more): its owner fetches it
+            // Not assigned (any more): its owner fetches it.
+            self.spend(d);
+            return;
         };
         let rules = GateRules {
             group: &self.ctx.group,
@@ -339,9 +347,13 @@ impl State {
             ),
         };
         let due_at_ms = match part.admit(&d, epoch, &rules, self.control.as_ref()) {
-            Admit::Drop => return,
+            Admit::Drop => {
+                self.spend(d);
+                return;
+            }
             Admit::Wait | Admit::Reseek => {
                 self.pause_dirty = true;
+                self.spend(d);
                 return;
             }
             Admit::Skip => {
@@ -354,7 +366,7 @@ impl State {
                 self.on_completion(Completion {
                     tp,
                     generation,
-                    offset: d.offset,
+                    delivery: d,
                     bytes: 0,
                     entered: None,
                     outcome: Outcome::Skipped,
@@ -399,7 +411,7 @@ impl State {
                 part.stats.count(c.outcome);
                 part.counters.finished(c.outcome);
                 if c.outcome != Outcome::Abandoned {
-                    part.offsets.finish(c.offset);
+                    part.offsets.finish(c.delivery.offset);
                 }
             }
             // The partition was revoked meanwhile: count it, nothing to commit.
@@ -413,6 +425,27 @@ impl State {
                     outcome: c.outcome,
                 });
             }
+        }
+        self.spend(c.delivery);
+    }
+
+    /// A delivery the pipeline is done with: back to the driver in batches (see
+    /// [`DriverControl::recycle`]).
+    fn spend(&mut self, d: Delivery) {
+        self.spent.push((d, 0));
+        if self.spent.len() >= RECYCLE_BATCH {
+            self.control.recycle(std::mem::take(&mut self.spent));
+        }
+    }
+
+    /// A batch from the driver: its deliveries wait in `pending`, its emptied buffer
+    /// collects spent deliveries or goes back to the driver.
+    fn take_batch(&mut self, mut batch: DeliveryBatch) {
+        self.pending.extend(batch.drain(..));
+        if self.spent.capacity() == 0 {
+            self.spent = batch;
+        } else {
+            self.control.recycle(batch);
         }
     }
 

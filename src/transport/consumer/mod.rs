@@ -86,6 +86,10 @@ impl DriverControl for KafkaDriverControl {
         }
     }
 
+    fn recycle(&self, spent: DeliveryBatch) {
+        self.shared.recycled.lock().push(spent);
+    }
+
     fn close(&self, offsets: Vec<(Tp, Epoch, i64)>) {
         self.shared.commands.lock().close = Some(offsets);
         if let Some(t) = self.thread.lock().take() {
@@ -121,6 +125,7 @@ pub fn start(
 ) -> Result<Driver, KafkaError> {
     let shared = Arc::new(Shared {
         commands: Mutex::new(Commands::default()),
+        recycled: Mutex::new(Vec::new()),
         assigned: Mutex::new(Assignments::default()),
         failed: Mutex::new(FailedCommits::default()),
         next_epoch: AtomicU64::new(1),
@@ -230,17 +235,14 @@ fn poll_batch(
     consumer: &BaseConsumer<DriverContext>,
     shared: &Shared,
     memo: &mut EpochMemo,
+    mut batch: DeliveryBatch,
 ) -> DeliveryBatch {
-    let mut batch: DeliveryBatch = Vec::new();
     let mut bytes = 0;
     let mut wait = POLL_WAIT;
     while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
         match consumer.poll(wait) {
             Some(Ok(m)) => match memo.epoch(shared, m.topic(), m.partition()) {
                 Some(epoch) => {
-                    if batch.capacity() == 0 {
-                        batch.reserve_exact(MAX_BATCH);
-                    }
                     let d = to_delivery(&m);
                     bytes += d.size_bytes();
                     batch.push((d, epoch));
@@ -261,6 +263,21 @@ fn poll_batch(
         wait = Duration::ZERO;
     }
     batch
+}
+
+/// Emptied batch buffers the poll loop keeps for reuse at most.
+const SPARE_BATCHES: usize = 8;
+
+/// Frees what the pipeline handed back (on this thread, which allocated it) and keeps a few
+/// emptied buffers for the next batches.
+fn reclaim(shared: &Shared, spare: &mut Vec<DeliveryBatch>) {
+    let returned = std::mem::take(&mut *shared.recycled.lock());
+    for mut batch in returned {
+        batch.clear();
+        if spare.len() < SPARE_BATCHES && batch.capacity() >= MAX_BATCH {
+            spare.push(batch);
+        }
+    }
 }
 
 /// How often the driver checks that librdkafka's assignment and the pipeline's agree.
@@ -324,6 +341,7 @@ fn poll_loop(
     // committing anything more, so another member takes over from the last commit.
     let mut pipeline_gone: Option<std::time::Instant> = None;
     let mut last_check = std::time::Instant::now();
+    let mut spare: Vec<DeliveryBatch> = Vec::new();
     let mut memo = EpochMemo {
         tp: Tp::new(String::new(), -1),
         version: u64::MAX,
@@ -350,9 +368,15 @@ fn poll_loop(
             last_check = std::time::Instant::now();
             consumer.context().reconcile(&consumer);
         }
-        let batch = poll_batch(&consumer, &shared, &mut memo);
-        if (!batch.is_empty() && deliveries.blocking_send(batch).is_err()) || deliveries.is_closed()
-        {
+        reclaim(&shared, &mut spare);
+        let buffer = spare.pop().unwrap_or_else(|| Vec::with_capacity(MAX_BATCH));
+        let batch = poll_batch(&consumer, &shared, &mut memo, buffer);
+        if batch.is_empty() {
+            spare.push(batch);
+        } else if deliveries.blocking_send(batch).is_err() {
+            pipeline_gone = Some(std::time::Instant::now());
+        }
+        if deliveries.is_closed() {
             pipeline_gone = Some(std::time::Instant::now());
         }
     }

@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::rebalance::DriverContext;
-use crate::service::source::{Epoch, Tp};
+use crate::service::source::{DeliveryBatch, Epoch, Tp};
 
 /// One assignment of a partition: its generation and current fetch epoch.
 #[derive(Debug, Clone, Copy)]
@@ -83,6 +83,9 @@ pub(super) const COMMIT_RETRY: Duration = Duration::from_secs(1);
 
 pub(super) struct Shared {
     pub(super) commands: Mutex<Commands>,
+    /// Deliveries and batch buffers the pipeline handed back, freed and reused by the poll
+    /// loop (see `DriverControl::recycle`).
+    pub(super) recycled: Mutex<Vec<DeliveryBatch>>,
     pub(super) assigned: Mutex<Assignments>,
     pub(super) failed: Mutex<FailedCommits>,
     pub(super) next_epoch: AtomicU64,
