@@ -33,6 +33,68 @@ pub enum Claim {
 /// than the default SipHash on short ids.
 type IdHasher = foldhash::fast::RandomState;
 
+/// The longest id held inline in the map (UUIDs and most other ids): no allocation per id,
+/// and a look-up compares the key where it sits instead of following a pointer to it.
+const INLINE_ID: usize = 46;
+
+/// A message id as a key of the map and of the FIFO, compared and hashed as its bytes (so
+/// the map is searched by `id.as_bytes()`).
+#[derive(Clone)]
+enum IdKey {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Arc<[u8]>),
+}
+
+impl IdKey {
+    fn new(id: &str) -> Self {
+        let b = id.as_bytes();
+        if b.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..b.len()].copy_from_slice(b);
+            IdKey::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            IdKey::Heap(b.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            IdKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            IdKey::Heap(b) => b,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for IdKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for IdKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for IdKey {}
+
+impl std::hash::Hash for IdKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, which `Borrow<[u8]>` requires.
+        self.as_bytes().hash(state);
+    }
+}
+
+impl std::fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
 /// A store of message ids: claimed atomically before processing, recorded as done on success,
 /// released on failure so a retry can run.
 ///
@@ -53,6 +115,9 @@ pub trait DedupeStore: Send + Sync + 'static {
         self.len() == 0
     }
 }
+
+/// The most entries the map is sized for up front.
+const MAX_PRESIZED: usize = 1 << 20;
 
 /// The FIFO is compacted once it holds more than twice the live done entries plus this many
 /// items, so stale items cost amortised O(1) and the FIFO stays bounded by the capacity.
@@ -89,7 +154,7 @@ struct DoneQueue {
     /// `(id, seq, at)` of each completion, oldest first; items whose seq no longer matches
     /// the map are stale and are skipped. `at` is the entry's insertion instant, so the
     /// front's expiry is known without a map lookup.
-    items: VecDeque<(Arc<str>, u64, Instant)>,
+    items: VecDeque<(IdKey, u64, Instant)>,
     /// The sequence number of the next completion.
     next_seq: u64,
 }
@@ -103,7 +168,7 @@ struct DoneQueue {
 #[derive(Debug)]
 pub struct MemoryDedupe {
     /// Every id that is in progress or done.
-    entries: DashMap<Arc<str>, Slot, IdHasher>,
+    entries: DashMap<IdKey, Slot, IdHasher>,
     /// Completion order for eviction. Lock order: this mutex, then a map shard, never the
     /// reverse (`claim` and `release` only take shard locks).
     queue: Mutex<DoneQueue>,
@@ -122,7 +187,11 @@ impl MemoryDedupe {
     /// A zero `ttl` means done entries expire at once, which also lets every claim through.
     pub fn new(ttl: std::time::Duration, capacity: usize) -> Self {
         Self {
-            entries: DashMap::with_hasher(IdHasher::default()),
+            // Sized for the capacity at once (bounded), so a filling store never rehashes.
+            entries: DashMap::with_capacity_and_hasher(
+                capacity.min(MAX_PRESIZED),
+                IdHasher::default(),
+            ),
             queue: Mutex::new(DoneQueue::default()),
             done_count: AtomicUsize::new(0),
             ttl,
@@ -154,7 +223,7 @@ impl MemoryDedupe {
             // later completion replaced it: the seq check keeps both.
             let removed = self
                 .entries
-                .remove_if(id, |_, slot| slot.done_at(*seq).is_some());
+                .remove_if(id.as_bytes(), |_, slot| slot.done_at(*seq).is_some());
             if removed.is_some() {
                 self.done_count.fetch_sub(1, Ordering::AcqRel);
             }
@@ -171,7 +240,7 @@ impl MemoryDedupe {
         }
         queue.items.retain(|(id, seq, _)| {
             self.entries
-                .get(id)
+                .get(id.as_bytes())
                 .is_some_and(|slot| slot.done_at(*seq).is_some())
         });
     }
@@ -184,7 +253,7 @@ impl DedupeStore for MemoryDedupe {
         }
         // The entry API holds the shard's write lock for the whole decision, so two threads
         // never both acquire one id.
-        match self.entries.entry(Arc::from(id)) {
+        match self.entries.entry(IdKey::new(id)) {
             Entry::Vacant(vacant) => {
                 vacant.insert(Slot::InProgress);
                 Claim::Acquired
@@ -222,20 +291,19 @@ impl DedupeStore for MemoryDedupe {
             at,
             seq,
         };
-        // Usually the caller's claim is there: update it in place, sharing its key (no new
-        // allocation for the id); otherwise insert.
-        let existing = self.entries.get_mut(id).map(|mut entry| {
+        // Usually the caller's claim is there: update it in place; otherwise insert.
+        let existing = self.entries.get_mut(id.as_bytes()).map(|mut entry| {
             if !entry.is_done() {
                 self.done_count.fetch_add(1, Ordering::AcqRel);
             }
             *entry = slot;
-            Arc::clone(entry.key())
+            entry.key().clone()
         });
         let key = match existing {
             Some(key) => key,
-            None => match self.entries.entry(Arc::from(id)) {
+            None => match self.entries.entry(IdKey::new(id)) {
                 Entry::Vacant(vacant) => {
-                    let key = Arc::clone(vacant.key());
+                    let key = vacant.key().clone();
                     vacant.insert(slot);
                     self.done_count.fetch_add(1, Ordering::AcqRel);
                     key
@@ -245,7 +313,7 @@ impl DedupeStore for MemoryDedupe {
                         self.done_count.fetch_add(1, Ordering::AcqRel);
                     }
                     occupied.insert(slot);
-                    Arc::clone(occupied.key())
+                    occupied.key().clone()
                 }
             },
         };
@@ -257,7 +325,7 @@ impl DedupeStore for MemoryDedupe {
     fn release(&self, id: &str) {
         // A done entry stays: only a failed claim is forgotten.
         self.entries
-            .remove_if(id, |_, slot| matches!(slot, Slot::InProgress));
+            .remove_if(id.as_bytes(), |_, slot| matches!(slot, Slot::InProgress));
     }
 
     fn len(&self) -> usize {
@@ -409,6 +477,25 @@ mod tests {
         assert_eq!(store.claim("a", None), Claim::Duplicate);
         // A later replay goes through again.
         assert_eq!(store.claim("a", Some(2_500)), Claim::Acquired);
+    }
+
+    #[test]
+    fn long_ids_and_short_ids_behave_alike() {
+        let long = |n: usize| format!("{}-{n}", "i".repeat(INLINE_ID));
+        let store = MemoryDedupe::new(HOUR, 2);
+        for id in [long(1), "short".to_owned(), "x".repeat(INLINE_ID)] {
+            assert_eq!(store.claim(&id, None), Claim::Acquired);
+            assert_eq!(store.claim(&id, None), Claim::InProgress);
+            store.release(&id);
+            assert_eq!(store.claim(&id, None), Claim::Acquired);
+            store.complete(&id, 1);
+            assert_eq!(store.claim(&id, None), Claim::Duplicate);
+        }
+        // Capacity 2: the oldest (the long id) was evicted by the third completion.
+        assert_eq!(store.claim(&long(1), None), Claim::Acquired);
+        assert_eq!(store.claim(&long(2), None), Claim::Acquired);
+        assert_eq!(store.claim("short", None), Claim::Duplicate);
+        assert_eq!(done_entries(&store), 2);
     }
 
     #[test]
