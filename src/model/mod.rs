@@ -51,71 +51,132 @@ pub const MAX_COURIER_HEADER_BYTES: usize = 1024;
 
 /// A header name as it came from the broker: the Kafka protocol allows any bytes, so it is
 /// kept byte for byte (a name that is not UTF-8 is forwarded unchanged, never a crash).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct HeaderKey(Vec<u8>);
+///
+/// A name of up to 30 bytes (every header courier reads or writes, and most others) is
+/// held inline, without an allocation of its own; a longer one on the heap. Equality,
+/// order and hashing are those of the bytes.
+#[derive(Clone)]
+pub struct HeaderKey(Name);
+
+/// The longest name held inline.
+const INLINE_NAME: usize = 30;
+
+#[derive(Clone)]
+enum Name {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Heap(Box<[u8]>),
+}
 
 impl HeaderKey {
     /// The name's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Name::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Name::Heap(b) => b,
+        }
     }
 
     /// The name as text, if it is UTF-8.
     pub fn as_str(&self) -> Option<&str> {
-        std::str::from_utf8(&self.0).ok()
+        std::str::from_utf8(self.as_bytes()).ok()
     }
 
     /// Whether the name starts with `prefix`.
     pub fn starts_with(&self, prefix: &str) -> bool {
-        self.0.starts_with(prefix.as_bytes())
+        self.as_bytes().starts_with(prefix.as_bytes())
+    }
+}
+
+impl Default for HeaderKey {
+    fn default() -> Self {
+        HeaderKey::from(&[][..])
+    }
+}
+
+impl PartialEq for HeaderKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for HeaderKey {}
+
+impl std::hash::Hash for HeaderKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialOrd for HeaderKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for HeaderKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
 impl fmt::Debug for HeaderKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
     }
 }
 
 impl fmt::Display for HeaderKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&String::from_utf8_lossy(&self.0))
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
     }
 }
 
 impl From<&str> for HeaderKey {
     fn from(s: &str) -> Self {
-        HeaderKey(s.as_bytes().to_vec())
+        HeaderKey::from(s.as_bytes())
     }
 }
 
 impl From<String> for HeaderKey {
     fn from(s: String) -> Self {
-        HeaderKey(s.into_bytes())
+        HeaderKey::from(s.into_bytes())
     }
 }
 
 impl From<&[u8]> for HeaderKey {
     fn from(b: &[u8]) -> Self {
-        HeaderKey(b.to_vec())
+        if b.len() <= INLINE_NAME {
+            let mut bytes = [0; INLINE_NAME];
+            bytes[..b.len()].copy_from_slice(b);
+            HeaderKey(Name::Inline {
+                len: b.len() as u8,
+                bytes,
+            })
+        } else {
+            HeaderKey(Name::Heap(b.into()))
+        }
     }
 }
 
 impl From<Vec<u8>> for HeaderKey {
     fn from(b: Vec<u8>) -> Self {
-        HeaderKey(b)
+        if b.len() <= INLINE_NAME {
+            HeaderKey::from(b.as_slice())
+        } else {
+            HeaderKey(Name::Heap(b.into_boxed_slice()))
+        }
     }
 }
 
 impl PartialEq<str> for HeaderKey {
     fn eq(&self, other: &str) -> bool {
-        self.0 == other.as_bytes()
+        self.as_bytes() == other.as_bytes()
     }
 }
 
 impl PartialEq<&str> for HeaderKey {
     fn eq(&self, other: &&str) -> bool {
-        self.0 == other.as_bytes()
+        self.as_bytes() == other.as_bytes()
     }
 }
 
@@ -169,6 +230,22 @@ impl Delivery {
     /// The trace id of its `traceparent` header (32 hex digits, borrowed), if valid.
     pub fn trace_id(&self) -> Option<&str> {
         trace::trace_id_of(&self.headers)
+    }
+
+    /// Its `courier-replayed-at-ms` header alone, as [`CourierHeaders::parse`] reads it (a
+    /// malformed value is absent), without parsing the other courier headers: dedupe looks
+    /// at it for every message.
+    pub fn replayed_at_ms(&self) -> Option<i64> {
+        let raw = self.header(HEADER_REPLAYED_AT_MS)?;
+        if raw.len() > 32 {
+            return None;
+        }
+        std::str::from_utf8(raw)
+            .ok()?
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
     }
 
     /// The courier headers of this message, parsed leniently.
@@ -792,6 +869,51 @@ mod tests {
             };
         }
         assert_eq!(d.trace_id(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
+
+    #[test]
+    fn header_keys_compare_hash_and_order_by_their_bytes_inline_or_not() {
+        use std::collections::hash_map::DefaultHasher;
+        use std::hash::{Hash, Hasher};
+        let hash = |k: &HeaderKey| {
+            let mut h = DefaultHasher::new();
+            k.hash(&mut h);
+            h.finish()
+        };
+        let long = "x".repeat(INLINE_NAME + 1);
+        for name in ["", "message-id", &"y".repeat(INLINE_NAME), &long] {
+            let from_str = HeaderKey::from(name);
+            let from_vec = HeaderKey::from(name.as_bytes().to_vec());
+            assert_eq!(from_str, from_vec);
+            assert_eq!(from_str.as_bytes(), name.as_bytes());
+            assert_eq!(hash(&from_str), hash(&from_vec));
+            assert_eq!(from_str, name);
+            assert_eq!(from_str.to_string(), name);
+        }
+        assert!(HeaderKey::from("a") < HeaderKey::from("ab"));
+        assert!(HeaderKey::from(long.as_str()) > HeaderKey::from("x"));
+        assert_eq!(HeaderKey::default().as_bytes(), b"");
+        assert_eq!(HeaderKey::from(b"k\xff".as_slice()).as_str(), None);
+        assert!(HeaderKey::from(long.as_str()).starts_with("xx"));
+    }
+
+    #[test]
+    fn replayed_at_ms_reads_that_header_as_the_full_parse_does() {
+        for value in ["1700", " 1700 ", "-1", "x", "", &"9".repeat(33)] {
+            let d = delivery(vec![h(HEADER_REPLAYED_AT_MS, value)]);
+            assert_eq!(
+                d.replayed_at_ms(),
+                d.courier_headers().replayed_at_ms,
+                "{value:?}"
+            );
+        }
+        let d = delivery(vec![(HEADER_REPLAYED_AT_MS.into(), Some(vec![0xff]))]);
+        assert_eq!(d.replayed_at_ms(), None);
+        assert_eq!(delivery(vec![]).replayed_at_ms(), None);
+        assert_eq!(
+            delivery(vec![h(HEADER_REPLAYED_AT_MS, "42")]).replayed_at_ms(),
+            Some(42)
+        );
     }
 
     #[test]

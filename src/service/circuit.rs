@@ -17,6 +17,7 @@
 //!
 //! Time is tokio's, so tests drive the state machine with a paused clock.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,6 +159,9 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Breaker {
     settings: CircuitSettings,
+    /// Whether the state is `Closed` (or the breaker is off): the lock-free fast path of
+    /// [`Breaker::admit`]. Written only under `inner`'s lock, with the state.
+    closed: AtomicBool,
     inner: Mutex<Inner>,
     wake: Notify,
     state_tx: watch::Sender<CircuitState>,
@@ -188,6 +192,7 @@ impl Breaker {
                 last_error: String::new(),
             }),
             settings,
+            closed: AtomicBool::new(true),
             wake: Notify::new(),
             state_tx,
             metrics,
@@ -228,9 +233,18 @@ impl Breaker {
         self.state_tx.subscribe()
     }
 
+    /// A pass at once while the circuit is closed (or the breaker is off), without a lock
+    /// or a wait; `None` otherwise, and the caller then awaits [`Breaker::admit`].
+    pub fn try_admit(self: &Arc<Self>) -> Option<Pass> {
+        (!self.settings.enabled || self.closed.load(Ordering::Acquire)).then(|| self.pass(false))
+    }
+
     /// Waits until a call may go out: at once while closed; while open, until the probe
     /// interval has passed and this caller is the probe, or until the circuit closes.
     pub async fn admit(self: &Arc<Self>) -> Pass {
+        if let Some(pass) = self.try_admit() {
+            return pass;
+        }
         loop {
             let woken = self.wake.notified();
             tokio::pin!(woken);
@@ -356,6 +370,8 @@ impl Breaker {
     fn transition(&self, inner: &mut Inner, to: CircuitState, reason: &str) {
         let from = inner.state;
         inner.state = to;
+        self.closed
+            .store(to == CircuitState::Closed, Ordering::Release);
         self.metrics.emit(CircuitTransition {
             from,
             to,

@@ -28,6 +28,73 @@ pub enum Claim {
     InProgress,
 }
 
+/// The keyed hasher of the map: foldhash, seeded at random per store (message ids come
+/// from producers, so the seed keeps collisions out of their hands), several times faster
+/// than the default SipHash on short ids.
+type IdHasher = foldhash::fast::RandomState;
+
+/// The longest id held inline in the map (UUIDs and most other ids): no allocation per id,
+/// and a look-up compares the key where it sits instead of following a pointer to it.
+const INLINE_ID: usize = 46;
+
+/// A message id as a key of the map and of the FIFO, compared and hashed as its bytes (so
+/// the map is searched by `id.as_bytes()`).
+#[derive(Clone)]
+enum IdKey {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Arc<[u8]>),
+}
+
+impl IdKey {
+    fn new(id: &str) -> Self {
+        let b = id.as_bytes();
+        if b.len() <= INLINE_ID {
+            let mut bytes = [0; INLINE_ID];
+            bytes[..b.len()].copy_from_slice(b);
+            IdKey::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            IdKey::Heap(b.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            IdKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            IdKey::Heap(b) => b,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for IdKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for IdKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for IdKey {}
+
+impl std::hash::Hash for IdKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, which `Borrow<[u8]>` requires.
+        self.as_bytes().hash(state);
+    }
+}
+
+impl std::fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
 /// A store of message ids: claimed atomically before processing, recorded as done on success,
 /// released on failure so a retry can run.
 ///
@@ -48,6 +115,9 @@ pub trait DedupeStore: Send + Sync + 'static {
         self.len() == 0
     }
 }
+
+/// The most entries the map is sized for up front.
+const MAX_PRESIZED: usize = 1 << 20;
 
 /// The FIFO is compacted once it holds more than twice the live done entries plus this many
 /// items, so stale items cost amortised O(1) and the FIFO stays bounded by the capacity.
@@ -81,9 +151,10 @@ impl Slot {
 /// Done entries in completion order; only touched under the mutex in [`MemoryDedupe`].
 #[derive(Debug, Default)]
 struct DoneQueue {
-    /// `(id, seq)` of each completion, oldest first; items whose seq no longer matches the
-    /// map are stale and are skipped.
-    items: VecDeque<(Arc<str>, u64)>,
+    /// `(id, seq, at)` of each completion, oldest first; items whose seq no longer matches
+    /// the map are stale and are skipped. `at` is the entry's insertion instant, so the
+    /// front's expiry is known without a map lookup.
+    items: VecDeque<(IdKey, u64, Instant)>,
     /// The sequence number of the next completion.
     next_seq: u64,
 }
@@ -97,7 +168,7 @@ struct DoneQueue {
 #[derive(Debug)]
 pub struct MemoryDedupe {
     /// Every id that is in progress or done.
-    entries: DashMap<Arc<str>, Slot>,
+    entries: DashMap<IdKey, Slot, IdHasher>,
     /// Completion order for eviction. Lock order: this mutex, then a map shard, never the
     /// reverse (`claim` and `release` only take shard locks).
     queue: Mutex<DoneQueue>,
@@ -116,7 +187,11 @@ impl MemoryDedupe {
     /// A zero `ttl` means done entries expire at once, which also lets every claim through.
     pub fn new(ttl: std::time::Duration, capacity: usize) -> Self {
         Self {
-            entries: DashMap::new(),
+            // Sized for the capacity at once (bounded), so a filling store never rehashes.
+            entries: DashMap::with_capacity_and_hasher(
+                capacity.min(MAX_PRESIZED),
+                IdHasher::default(),
+            ),
             queue: Mutex::new(DoneQueue::default()),
             done_count: AtomicUsize::new(0),
             ttl,
@@ -134,26 +209,23 @@ impl MemoryDedupe {
         at.elapsed() >= self.ttl
     }
 
-    /// Pops the FIFO front while it is stale, expired, or while there are more done entries
-    /// than the capacity. Called with the queue mutex held.
-    fn evict(&self, queue: &mut DoneQueue) {
-        while let Some((id, seq)) = queue.items.front() {
-            // The map guard is dropped at the end of this statement, before `remove_if`
-            // locks the same shard again.
-            let live_at = self.entries.get(id).and_then(|slot| slot.done_at(*seq));
-            if let Some(at) = live_at {
-                let over = self.done_count.load(Ordering::Acquire) > self.capacity;
-                if !over && !self.expired(at) {
-                    break;
-                }
-                // A concurrent claim may have turned the entry into InProgress meanwhile:
-                // the seq check keeps that claim.
-                let removed = self
-                    .entries
-                    .remove_if(id, |_, slot| slot.done_at(*seq).is_some());
-                if removed.is_some() {
-                    self.done_count.fetch_sub(1, Ordering::AcqRel);
-                }
+    /// Pops the FIFO front while it is expired, or while there are more done entries than
+    /// the capacity (a stale front item is popped on the way; the others are left to
+    /// [`MemoryDedupe::compact`]). One map operation per popped item, and no clock read:
+    /// `now` is the caller's. Called with the queue mutex held.
+    fn evict(&self, queue: &mut DoneQueue, now: Instant) {
+        while let Some((id, seq, at)) = queue.items.front() {
+            let over = self.done_count.load(Ordering::Acquire) > self.capacity;
+            if !over && now.saturating_duration_since(*at) < self.ttl {
+                break;
+            }
+            // A concurrent claim may have turned the entry into InProgress meanwhile, or a
+            // later completion replaced it: the seq check keeps both.
+            let removed = self
+                .entries
+                .remove_if(id.as_bytes(), |_, slot| slot.done_at(*seq).is_some());
+            if removed.is_some() {
+                self.done_count.fetch_sub(1, Ordering::AcqRel);
             }
             queue.items.pop_front();
         }
@@ -166,9 +238,9 @@ impl MemoryDedupe {
         if queue.items.len() <= live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
             return;
         }
-        queue.items.retain(|(id, seq)| {
+        queue.items.retain(|(id, seq, _)| {
             self.entries
-                .get(id)
+                .get(id.as_bytes())
                 .is_some_and(|slot| slot.done_at(*seq).is_some())
         });
     }
@@ -181,7 +253,7 @@ impl DedupeStore for MemoryDedupe {
         }
         // The entry API holds the shard's write lock for the whole decision, so two threads
         // never both acquire one id.
-        match self.entries.entry(Arc::from(id)) {
+        match self.entries.entry(IdKey::new(id)) {
             Entry::Vacant(vacant) => {
                 vacant.insert(Slot::InProgress);
                 Claim::Acquired
@@ -213,36 +285,47 @@ impl DedupeStore for MemoryDedupe {
         let mut queue = self.queue.lock();
         let seq = queue.next_seq;
         queue.next_seq += 1;
+        let at = Instant::now();
         let slot = Slot::Done {
             done_ms: now_ms,
-            at: Instant::now(),
+            at,
             seq,
         };
-        let key = match self.entries.entry(Arc::from(id)) {
-            Entry::Vacant(vacant) => {
-                let key = Arc::clone(vacant.key());
-                vacant.insert(slot);
+        // Usually the caller's claim is there: update it in place; otherwise insert.
+        let existing = self.entries.get_mut(id.as_bytes()).map(|mut entry| {
+            if !entry.is_done() {
                 self.done_count.fetch_add(1, Ordering::AcqRel);
-                key
             }
-            Entry::Occupied(mut occupied) => {
-                if !occupied.get().is_done() {
+            *entry = slot;
+            entry.key().clone()
+        });
+        let key = match existing {
+            Some(key) => key,
+            None => match self.entries.entry(IdKey::new(id)) {
+                Entry::Vacant(vacant) => {
+                    let key = vacant.key().clone();
+                    vacant.insert(slot);
                     self.done_count.fetch_add(1, Ordering::AcqRel);
+                    key
                 }
-                occupied.insert(slot);
-                // Share the map's key instead of storing the id twice.
-                Arc::clone(occupied.key())
-            }
+                Entry::Occupied(mut occupied) => {
+                    if !occupied.get().is_done() {
+                        self.done_count.fetch_add(1, Ordering::AcqRel);
+                    }
+                    occupied.insert(slot);
+                    occupied.key().clone()
+                }
+            },
         };
-        queue.items.push_back((key, seq));
-        self.evict(&mut queue);
+        queue.items.push_back((key, seq, at));
+        self.evict(&mut queue, at);
         self.compact(&mut queue);
     }
 
     fn release(&self, id: &str) {
         // A done entry stays: only a failed claim is forgotten.
         self.entries
-            .remove_if(id, |_, slot| matches!(slot, Slot::InProgress));
+            .remove_if(id.as_bytes(), |_, slot| matches!(slot, Slot::InProgress));
     }
 
     fn len(&self) -> usize {
@@ -394,6 +477,25 @@ mod tests {
         assert_eq!(store.claim("a", None), Claim::Duplicate);
         // A later replay goes through again.
         assert_eq!(store.claim("a", Some(2_500)), Claim::Acquired);
+    }
+
+    #[test]
+    fn long_ids_and_short_ids_behave_alike() {
+        let long = |n: usize| format!("{}-{n}", "i".repeat(INLINE_ID));
+        let store = MemoryDedupe::new(HOUR, 2);
+        for id in [long(1), "short".to_owned(), "x".repeat(INLINE_ID)] {
+            assert_eq!(store.claim(&id, None), Claim::Acquired);
+            assert_eq!(store.claim(&id, None), Claim::InProgress);
+            store.release(&id);
+            assert_eq!(store.claim(&id, None), Claim::Acquired);
+            store.complete(&id, 1);
+            assert_eq!(store.claim(&id, None), Claim::Duplicate);
+        }
+        // Capacity 2: the oldest (the long id) was evicted by the third completion.
+        assert_eq!(store.claim(&long(1), None), Claim::Acquired);
+        assert_eq!(store.claim(&long(2), None), Claim::Acquired);
+        assert_eq!(store.claim("short", None), Claim::Duplicate);
+        assert_eq!(done_entries(&store), 2);
     }
 
     #[test]

@@ -40,6 +40,12 @@ impl Limits {
         Limits { concurrency, rate }
     }
 
+    /// A permit at once when no limit is set (the default), without a wait; `None` when a
+    /// limit is set, and the caller then awaits [`Limits::acquire`].
+    pub fn try_unlimited(&self) -> Option<Permit> {
+        (self.concurrency.is_none() && self.rate.is_none()).then_some(Permit { _held: None })
+    }
+
     /// Waits until a call may start.
     pub async fn acquire(&self) -> Permit {
         let permit = match &self.concurrency {

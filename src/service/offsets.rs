@@ -4,13 +4,14 @@
 //! partition's committed offset may only pass a message once it is finished (DESIGN.md,
 //! "Guarantees" 2). The tracker keeps the in-flight offsets and reports the commit point.
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 
 /// Offsets of one partition that are in flight; the commit point is the lowest unfinished offset.
 #[derive(Debug, Default, Clone)]
 pub struct PartitionOffsets {
-    /// Offsets received and not finished yet.
-    in_flight: BTreeSet<i64>,
+    /// Offsets received and not finished yet, ascending, each once. Offsets arrive in
+    /// increasing order and mostly finish near the front, so both ends are cheap.
+    in_flight: VecDeque<i64>,
     /// The highest offset ever started, so the commit point can pass it when all finished.
     highest_started: Option<i64>,
     /// The last commit point marked as committed.
@@ -28,19 +29,30 @@ impl PartitionOffsets {
     /// An offset delivered again (e.g. after a seek back) is tracked again, which holds the
     /// commit point at it until it is finished anew.
     pub fn start(&mut self, offset: i64) {
-        self.in_flight.insert(offset);
+        if self.in_flight.back().is_none_or(|&last| last < offset) {
+            self.in_flight.push_back(offset);
+        } else if let Err(at) = self.in_flight.binary_search(&offset) {
+            self.in_flight.insert(at, offset);
+        }
         self.highest_started = Some(self.highest_started.map_or(offset, |h| h.max(offset)));
     }
 
     /// Records that `offset` is finished (ok, retried, dead-lettered, duplicate or skipped). Finishing an offset that is not in flight is ignored (returns false).
     pub fn finish(&mut self, offset: i64) -> bool {
-        self.in_flight.remove(&offset)
+        if self.in_flight.front() == Some(&offset) {
+            self.in_flight.pop_front();
+            return true;
+        }
+        match self.in_flight.binary_search(&offset) {
+            Ok(at) => self.in_flight.remove(at).is_some(),
+            Err(_) => false,
+        }
     }
 
     /// The offset to commit (the next message to consume): the lowest in-flight offset, or the highest started offset + 1 when none is in flight; None if nothing was ever started.
     pub fn commit_point(&self) -> Option<i64> {
         self.in_flight
-            .first()
+            .front()
             .copied()
             .or_else(|| self.highest_started.map(|h| h + 1))
     }
@@ -70,6 +82,8 @@ impl PartitionOffsets {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -169,6 +183,21 @@ mod tests {
         assert_eq!(offsets.in_flight(), 1);
         assert!(offsets.finish(2));
         assert_eq!(offsets.commit_point(), Some(3));
+    }
+
+    #[test]
+    fn an_offset_delivered_again_below_the_highest_is_tracked_in_order() {
+        let mut offsets = PartitionOffsets::new();
+        offsets.start(5);
+        offsets.start(7);
+        offsets.start(6);
+        offsets.start(7);
+        assert_eq!(offsets.in_flight(), 3);
+        assert!(offsets.finish(7));
+        assert!(offsets.finish(5));
+        assert_eq!(offsets.commit_point(), Some(6));
+        assert!(offsets.finish(6));
+        assert_eq!(offsets.commit_point(), Some(8));
     }
 
     /// Strictly increasing offsets with gaps, and the same offsets in a random finishing order.

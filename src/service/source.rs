@@ -81,6 +81,11 @@ pub trait DriverControl: Send + Sync + 'static {
     /// Commits these offsets (next offset to consume) asynchronously: `(partition,
     /// generation, offset)`.
     fn commit(&self, offsets: Vec<(Tp, Epoch, i64)>);
+    /// Hands deliveries the pipeline is done with (and emptied batch buffers) back to the
+    /// driver, which frees them on its own thread, where they were allocated, and reuses
+    /// the buffers: freeing them where they were used would make every allocation of the
+    /// driver take the allocator's slow path. A driver may simply drop them.
+    fn recycle(&self, spent: DeliveryBatch);
     /// Commits these offsets synchronously, leaves the group and stops the driver.
     /// Returns once the driver has stopped.
     fn close(&self, offsets: Vec<(Tp, Epoch, i64)>);

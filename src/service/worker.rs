@@ -99,11 +99,44 @@ enum Claimed {
     Duplicate,
 }
 
+/// Where handling a message stands once the processor had its say.
+#[derive(Debug)]
+pub enum Step {
+    /// Finished (or given up, unfinished).
+    Done(Outcome),
+    /// Failed: it goes to its next hop (a retry topic or the DLQ) with [`WorkerContext::forward`],
+    /// and is finished once the broker acknowledges it. The worker lane does not wait for
+    /// that: the message stays in flight (its offset tracked, so the commit point holds at
+    /// it) while the lane takes its next message.
+    Forward(Forward),
+}
+
+/// A failed message's next hop, ready to publish.
+#[derive(Debug)]
+pub struct Forward {
+    record: crate::model::OutgoingRecord,
+    attempt: u32,
+    kind: ErrorKind,
+    reason: String,
+    outcome: Outcome,
+}
+
 impl WorkerContext {
-    /// Handles one message to its outcome. While the circuit breaker holds it, the lane
-    /// waits and calls again; a hold ends early, with the message unfinished (left
-    /// uncommitted), when `revoked` (its partition) or `stop_holding` (shutdown) fires.
+    /// Handles one message to its outcome, its retry or DLQ publish included. While the
+    /// circuit breaker holds it, the lane waits and calls again; a hold ends early, with
+    /// the message unfinished (left uncommitted), when `revoked` (its partition) or
+    /// `stop_holding` (shutdown) fires.
     pub async fn handle(&self, job: &Job, revoked: &CancellationToken) -> Outcome {
+        match self.process(job, revoked).await {
+            Step::Done(outcome) => outcome,
+            Step::Forward(hop) => self.forward(&job.delivery, hop).await,
+        }
+    }
+
+    /// Handles one message up to its outcome or, when it failed, up to the record of its
+    /// next hop (see [`Step::Forward`]): what [`WorkerContext::handle`] does before it
+    /// publishes.
+    pub async fn process(&self, job: &Job, revoked: &CancellationToken) -> Step {
         let d = &job.delivery;
         if let Some(due) = job.due_at_ms {
             let late_ms = now_ms().saturating_sub(due).max(0);
@@ -111,40 +144,48 @@ impl WorkerContext {
                 late: Duration::from_millis(late_ms as u64),
             });
         }
+        let id = d.message_id();
         loop {
             // Biased toward going ahead: a closed circuit and free limits never lose a
-            // message to a revoke or shutdown that is draining.
-            let pass = tokio::select! {
-                biased;
-                pass = self.breaker.admit() => pass,
-                _ = revoked.cancelled() => return Outcome::Abandoned,
-                _ = self.stop_holding.cancelled() => return Outcome::Abandoned,
+            // message to a revoke or shutdown that is draining. A closed circuit (and no
+            // limit) lets the call through without a wait.
+            let pass = match self.breaker.try_admit() {
+                Some(pass) => pass,
+                None => tokio::select! {
+                    biased;
+                    pass = self.breaker.admit() => pass,
+                    _ = revoked.cancelled() => return Step::Done(Outcome::Abandoned),
+                    _ = self.stop_holding.cancelled() => return Step::Done(Outcome::Abandoned),
+                },
             };
-            let claimed = match self.claim(d) {
-                Claimed::Duplicate => return Outcome::Duplicate,
+            let claimed = match self.claim(d, id) {
+                Claimed::Duplicate => return Step::Done(Outcome::Duplicate),
                 c => c,
             };
-            let result = {
-                let _permit = tokio::select! {
-                    biased;
-                    permit = self.limits.acquire() => permit,
-                    _ = revoked.cancelled() => return self.release(d, claimed, Outcome::Abandoned),
-                    _ = self.stop_holding.cancelled() => return self.release(d, claimed, Outcome::Abandoned),
+            let (result, done_ms) = {
+                let _permit = match self.limits.try_unlimited() {
+                    Some(permit) => permit,
+                    None => tokio::select! {
+                        biased;
+                        permit = self.limits.acquire() => permit,
+                        _ = revoked.cancelled() => return Step::Done(self.release(id, claimed, Outcome::Abandoned)),
+                        _ = self.stop_holding.cancelled() => return Step::Done(self.release(id, claimed, Outcome::Abandoned)),
+                    },
                 };
                 self.call(d).await
             };
             let verdict = self.breaker.record(pass, &result);
             match result {
                 Ok(()) => {
-                    if let (Claimed::Yes, Some(id)) = (claimed, d.message_id()) {
-                        self.dedupe.complete(id, now_ms());
+                    if let (Claimed::Yes, Some(id)) = (claimed, id) {
+                        self.dedupe.complete(id, done_ms);
                     }
-                    return Outcome::Ok;
+                    return Step::Done(Outcome::Ok);
                 }
                 Err(err) => {
-                    self.release(d, claimed, Outcome::Abandoned);
+                    self.release(id, claimed, Outcome::Abandoned);
                     if verdict == Verdict::Route {
-                        return self.route_failure(job, &err).await;
+                        return Step::Forward(self.route_failure(job, &err, done_ms));
                     }
                     // Held by the circuit: wait for it and call again, same message.
                 }
@@ -152,12 +193,12 @@ impl WorkerContext {
         }
     }
 
-    fn claim(&self, d: &Delivery) -> Claimed {
-        let Some(id) = d.message_id() else {
+    fn claim(&self, d: &Delivery, id: Option<&str>) -> Claimed {
+        let Some(id) = id else {
             self.metrics.emit(WithoutId);
             return Claimed::NoId;
         };
-        match self.dedupe.claim(id, d.courier_headers().replayed_at_ms) {
+        match self.dedupe.claim(id, d.replayed_at_ms()) {
             Claim::Acquired => Claimed::Yes,
             Claim::Duplicate | Claim::InProgress => {
                 self.metrics.emit(DuplicateSkipped(at(d)));
@@ -167,15 +208,16 @@ impl WorkerContext {
     }
 
     /// Gives a claimed id back (the message did not finish successfully); returns `outcome`.
-    fn release(&self, d: &Delivery, claimed: Claimed, outcome: Outcome) -> Outcome {
-        if let (Claimed::Yes, Some(id)) = (claimed, d.message_id()) {
+    fn release(&self, id: Option<&str>, claimed: Claimed, outcome: Outcome) -> Outcome {
+        if let (Claimed::Yes, Some(id)) = (claimed, id) {
             self.dedupe.release(id);
         }
         outcome
     }
 
-    /// One processor call; a panic is a fatal failure.
-    async fn call(&self, d: &Delivery) -> Result<(), ProcessError> {
+    /// One processor call; a panic is a fatal failure. Also returns the wall clock when it
+    /// ended, epoch milliseconds (read once, for the metrics and the dedupe entry).
+    async fn call(&self, d: &Delivery) -> (Result<(), ProcessError>, i64) {
         let started = Instant::now();
         let result = match AssertUnwindSafe(self.processor.process(d))
             .catch_unwind()
@@ -191,13 +233,15 @@ impl WorkerContext {
                 Err(ProcessError::Fatal(reason))
             }
         };
+        let took = started.elapsed();
+        let done_ms = now_ms();
         self.metrics.emit(Processed {
-            took: started.elapsed(),
+            took,
             end_to_end: d
                 .timestamp_ms
-                .map(|ts| Duration::from_millis(now_ms().saturating_sub(ts).max(0) as u64)),
+                .map(|ts| Duration::from_millis(done_ms.saturating_sub(ts).max(0) as u64)),
         });
-        result
+        (result, done_ms)
     }
 
     /// The delay of retry `level`: its configured delay, or a processor's `retry_after` when
@@ -207,13 +251,13 @@ impl WorkerContext {
         configured.max(retry_after.unwrap_or_default().min(self.max_retry_delay))
     }
 
-    /// Publishes a failed message to its next hop and waits for the acknowledgement.
-    async fn route_failure(&self, job: &Job, err: &ProcessError) -> Outcome {
+    /// The record that carries a failed message to its next hop (`now` is when it failed,
+    /// epoch milliseconds), and the event that says where it goes.
+    fn route_failure(&self, job: &Job, err: &ProcessError, now: i64) -> Forward {
         let d = &job.delivery;
         let prior = d.courier_headers().attempt.unwrap_or(job.level);
         let attempt = prior.max(job.level).saturating_add(1);
         let next_level = job.level + 1;
-        let now = now_ms();
         let (topic, kind, due, outcome) = match err {
             ProcessError::Retryable { retry_after, .. } if next_level <= self.retry_max => {
                 let delay = self.retry_delay(next_level, *retry_after);
@@ -267,11 +311,23 @@ impl WorkerContext {
                 error: err.reason(),
             }),
         }
-        match self.publish_until_acked(d, record, false).await {
-            HopResult::Acked => outcome,
+        Forward {
+            record,
+            attempt,
+            kind,
+            reason: err.reason().to_owned(),
+            outcome,
+        }
+    }
+
+    /// Publishes a failed message `d` to its next hop and waits for the acknowledgement
+    /// (retried with back-off; see [`WorkerContext::publish_until_acked`]).
+    pub async fn forward(&self, d: &Delivery, hop: Forward) -> Outcome {
+        match self.publish_until_acked(d, hop.record, false).await {
+            HopResult::Acked => hop.outcome,
             HopResult::Aborted => Outcome::Abandoned,
             HopResult::TooLarge => {
-                self.dead_letter_pointer(d, attempt, kind, err.reason())
+                self.dead_letter_pointer(d, hop.attempt, hop.kind, &hop.reason)
                     .await
             }
         }

@@ -38,7 +38,7 @@ pub fn read(headers: &BorrowedHeaders) -> Headers {
         }
         // SAFETY: librdkafka returns a NUL-terminated name that lives as long as the list,
         // and a value of `size` bytes (or null for a null value).
-        let key = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
+        let key = unsafe { CStr::from_ptr(name) }.to_bytes();
         let value = (!value.is_null())
             .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec());
         out.push((HeaderKey::from(key), value));

@@ -4,7 +4,7 @@
 //! it are never started (DESIGN.md, guarantee 7), and the revoke waits only for the jobs
 //! that did start. A lane survives anything a job does, panics included.
 
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,10 +13,10 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::Outcome;
+use crate::model::{Delivery, Outcome};
 use crate::observability::events::{At, HandlingPanicked};
 use crate::service::source::{Epoch, Tp};
-use crate::service::worker::{Job, WorkerContext};
+use crate::service::worker::{Forward, Job, Step, WorkerContext};
 
 const CLOSED: u64 = 1 << 63;
 
@@ -78,91 +78,128 @@ pub(super) struct LaneJob {
 pub(super) struct Completion {
     pub(super) tp: Arc<Tp>,
     pub(super) generation: Epoch,
-    pub(super) offset: i64,
+    /// The message, back to the pipeline (which hands it back to the driver to free).
+    pub(super) delivery: Delivery,
     pub(super) bytes: usize,
     /// The gate the job entered: the pipeline leaves it once the completion is recorded.
     pub(super) entered: Option<Arc<Gate>>,
     pub(super) outcome: Outcome,
 }
 
-/// Starts `workers` lanes; each queue holds at most `capacity` jobs.
+/// Starts `workers` lanes; each queue holds at most `capacity` batches of jobs.
 pub(super) fn spawn(
     workers: usize,
     capacity: usize,
     ctx: &Arc<WorkerContext>,
     done: &mpsc::Sender<Completion>,
-) -> Vec<mpsc::Sender<LaneJob>> {
+) -> Vec<mpsc::Sender<Vec<LaneJob>>> {
     (0..workers)
         .map(|_| {
-            let (tx, rx) = mpsc::channel::<LaneJob>(capacity);
+            let (tx, rx) = mpsc::channel::<Vec<LaneJob>>(capacity);
             tokio::spawn(run_lane(rx, ctx.clone(), done.clone()));
             tx
         })
         .collect()
 }
 
+/// A lane: takes its jobs in batches (one hand-over per batch), handles each in turn, and
+/// reports each completion as soon as it has it. A failed message's retry or DLQ publish
+/// runs in a task of its own, which reports the completion once the broker acknowledged
+/// it, so the lane goes on meanwhile; its partition's commit point holds at the message
+/// until then (it is in flight), so what is committed and when does not change.
 async fn run_lane(
-    mut rx: mpsc::Receiver<LaneJob>,
+    mut rx: mpsc::Receiver<Vec<LaneJob>>,
     ctx: Arc<WorkerContext>,
     done: mpsc::Sender<Completion>,
 ) {
-    while let Some(lj) = rx.recv().await {
-        let entered = lj.gate.enter();
-        let outcome = if entered {
-            handle(&ctx, &lj).await
-        } else {
-            Outcome::Abandoned
-        };
-        let c = Completion {
-            tp: lj.tp,
-            generation: lj.generation,
-            offset: lj.job.delivery.offset,
-            bytes: lj.bytes,
-            entered: entered.then_some(lj.gate),
-            outcome,
-        };
-        if done.send(c).await.is_err() {
-            break;
+    while let Some(batch) = rx.recv().await {
+        for lj in batch {
+            let entered = lj.gate.enter();
+            let step = if entered {
+                handle(&ctx, &lj).await
+            } else {
+                Step::Done(Outcome::Abandoned)
+            };
+            match step {
+                Step::Done(outcome) => {
+                    if done.send(completion(lj, entered, outcome)).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Forward(hop) => {
+                    let (ctx, done) = (ctx.clone(), done.clone());
+                    tokio::spawn(async move {
+                        let outcome = forward(&ctx, &lj, hop).await;
+                        let _ = done.send(completion(lj, true, outcome)).await;
+                    });
+                }
+            }
         }
     }
 }
 
-/// Handles one job; a panic outside the processor (which `WorkerContext::handle` already
-/// turns into a fatal failure) is a bug: the message stays unfinished, so its partition's
-/// commit point holds at it, and readiness says so.
-async fn handle(ctx: &WorkerContext, lj: &LaneJob) -> Outcome {
-    match AssertUnwindSafe(ctx.handle(&lj.job, lj.gate.revoked()))
+fn completion(lj: LaneJob, entered: bool, outcome: Outcome) -> Completion {
+    Completion {
+        tp: lj.tp,
+        generation: lj.generation,
+        delivery: lj.job.delivery,
+        bytes: lj.bytes,
+        entered: entered.then_some(lj.gate),
+        outcome,
+    }
+}
+
+/// Handles one job up to its outcome or its next hop; a panic outside the processor (which
+/// `WorkerContext::process` already turns into a fatal failure) is a bug: the message
+/// stays unfinished, so its partition's commit point holds at it, and readiness says so.
+async fn handle(ctx: &WorkerContext, lj: &LaneJob) -> Step {
+    match AssertUnwindSafe(ctx.process(&lj.job, lj.gate.revoked()))
+        .catch_unwind()
+        .await
+    {
+        Ok(step) => step,
+        Err(panic) => Step::Done(panicked(ctx, lj, &*panic)),
+    }
+}
+
+/// Publishes a failed job to its next hop; a panic is handled as in [`handle`].
+async fn forward(ctx: &WorkerContext, lj: &LaneJob, hop: Forward) -> Outcome {
+    match AssertUnwindSafe(ctx.forward(&lj.job.delivery, hop))
         .catch_unwind()
         .await
     {
         Ok(outcome) => outcome,
-        Err(panic) => {
-            let d = &lj.job.delivery;
-            let reason = format!(
-                "handling the message panicked: {}",
-                crate::service::worker::panic_message(&*panic)
-            );
-            ctx.metrics.emit(HandlingPanicked {
-                at: At::of(d),
-                reason: &reason,
-            });
-            ctx.holds.hold(
-                &format!("{}/{}@{}", d.topic, d.partition, d.offset),
-                &reason,
-            );
-            Outcome::Abandoned
-        }
+        Err(panic) => panicked(ctx, lj, &*panic),
     }
 }
+
+fn panicked(ctx: &WorkerContext, lj: &LaneJob, panic: &(dyn std::any::Any + Send)) -> Outcome {
+    let d = &lj.job.delivery;
+    let reason = format!(
+        "handling the message panicked: {}",
+        crate::service::worker::panic_message(panic)
+    );
+    ctx.metrics.emit(HandlingPanicked {
+        at: At::of(d),
+        reason: &reason,
+    });
+    ctx.holds.hold(
+        &format!("{}/{}@{}", d.topic, d.partition, d.offset),
+        &reason,
+    );
+    Outcome::Abandoned
+}
+
+/// The hasher of keys to lanes (foldhash, fixed seed).
+const LANE_HASH: foldhash::fast::FixedState =
+    foldhash::fast::FixedState::with_seed(0x636f_7572_6965_72);
 
 /// The lane of a message: by key hash, so one key stays in order; keyless messages spread.
 pub(super) fn lane_of(key: Option<&[u8]>, lanes: usize, round_robin: &mut usize) -> usize {
     match key {
         Some(k) => {
-            // `DefaultHasher::new()` has fixed keys: a key maps to the same lane for the run.
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            k.hash(&mut h);
-            (h.finish() % lanes as u64) as usize
+            // A fixed seed: a key maps to the same lane for the run (and across runs).
+            (LANE_HASH.hash_one(k) % lanes as u64) as usize
         }
         None => {
             *round_robin = round_robin.wrapping_add(1);

@@ -68,8 +68,14 @@ struct State {
     cfg: PipelineConfig,
     ctx: Arc<WorkerContext>,
     control: Arc<dyn DriverControl>,
-    lanes: Vec<mpsc::Sender<LaneJob>>,
-    parts: HashMap<Tp, Part>,
+    lanes: Vec<mpsc::Sender<Vec<LaneJob>>>,
+    /// Jobs accepted for each lane and not handed over yet: one hand-over per lane and
+    /// round of `accept_pending`, not one per message.
+    lane_batches: Vec<Vec<LaneJob>>,
+    parts: HashMap<Tp, Part, foldhash::fast::RandomState>,
+    /// The partition of the last accepted delivery: deliveries come in runs of one
+    /// partition, so most look-ups reuse it instead of building a `Tp`.
+    last_tp: Option<Arc<Tp>>,
     in_flight: usize,
     in_flight_bytes: usize,
     backpressure: bool,
@@ -77,6 +83,8 @@ struct State {
     draining: bool,
     pause_dirty: bool,
     pending: VecDeque<(Delivery, Epoch)>,
+    /// Deliveries the pipeline is done with, to hand back to the driver (see `spend`).
+    spent: DeliveryBatch,
     revoke: Option<PendingRevoke>,
     summary: ConsumerSummary,
     topic_counters: HashMap<String, TopicCounters>,
@@ -91,6 +99,12 @@ struct State {
 /// within this time instead of waiting for the partition's next message.
 pub(crate) const REASSERT_COMMITS: Duration = Duration::from_secs(5);
 
+/// Spent deliveries handed back to the driver at once.
+const RECYCLE_BATCH: usize = 256;
+
+/// Completions taken per turn of the pipeline's loop at most.
+const COMPLETIONS_PER_TURN: usize = 512;
+
 /// Runs the pipeline until `shutdown` is cancelled (or the driver stops), then drains
 /// in-flight messages up to the shutdown timeout, commits, and closes the driver.
 pub async fn run(
@@ -102,7 +116,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> ConsumerSummary {
     let (done_tx, mut done_rx) = mpsc::channel::<Completion>(cfg.max_in_flight + 1);
-    // A lane never holds more than the in-flight bound, so `try_send` to it cannot fail.
+    let mut completions = Vec::with_capacity(COMPLETIONS_PER_TURN);
+    // A lane never holds more than the in-flight bound (in batches of at least one job), so
+    // `try_send` to it cannot fail.
     let lanes = lanes::spawn(cfg.workers, cfg.max_in_flight + 1, &ctx, &done_tx);
     drop(done_tx);
     let mut st = State::new(cfg.clone(), ctx.clone(), control, lanes);
@@ -111,6 +127,7 @@ pub async fn run(
     let far = deadline_after(Duration::from_secs(86_400 * 365));
     let mut drain_deadline = far;
     let mut events_closed = false;
+    let mut done_closed = false;
     let mut circuit = ctx.breaker.subscribe();
     loop {
         st.accept_pending();
@@ -119,9 +136,13 @@ pub async fn run(
             break;
         }
         let can_read = !st.draining && st.pending.is_empty() && st.has_room();
-        let due_in = st
-            .next_due()
-            .map(|due| Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64));
+        // Only a deadline that is set reads the clock (every branch's future is built on
+        // every turn, enabled or not).
+        let due_at = st.next_due().map(|due| {
+            deadline_after(Duration::from_millis(
+                due.saturating_sub(now_ms()).max(0) as u64
+            ))
+        });
         let revoke_deadline = st.revoke.as_ref().map(|r| r.deadline);
         let pressure_at = st.backpressure_deadline();
         let probe_at = ctx.breaker.next_deadline();
@@ -144,12 +165,17 @@ pub async fn run(
                     }
                 }
             },
-            Some(c) = done_rx.recv() => st.on_completion(c),
+            n = done_rx.recv_many(&mut completions, COMPLETIONS_PER_TURN), if !done_closed => {
+                done_closed = n == 0;
+                for c in completions.drain(..) {
+                    st.on_completion(c);
+                }
+            }
             _ = tokio::time::sleep_until(revoke_deadline.unwrap_or(far)), if revoke_deadline.is_some() => {
                 tracing::warn!("Revoke timed out waiting for running messages; committing what is finished, the rest stays uncommitted for the next owner.");
                 st.finish_revoke();
             }
-            _ = tokio::time::sleep(due_in.unwrap_or_default()), if due_in.is_some() => st.wake_due(),
+            _ = tokio::time::sleep_until(due_at.unwrap_or(far)), if due_at.is_some() => st.wake_due(),
             _ = tokio::time::sleep_until(pressure_at.unwrap_or(far)), if pressure_at.is_some() => {}
             Ok(()) = circuit.changed() => st.pause_dirty = true,
             _ = tokio::time::sleep_until(probe_at.unwrap_or(far)), if probe_at.is_some() => ctx.breaker.tick(),
@@ -159,7 +185,7 @@ pub async fn run(
                 break;
             }
             batch = deliveries.recv(), if can_read => match batch {
-                Some(b) => st.pending.extend(b),
+                Some(b) => st.take_batch(b),
                 None if !st.draining => {
                     st.start_draining();
                     drain_deadline = deadline_after(cfg.shutdown_timeout);
@@ -182,14 +208,16 @@ impl State {
         cfg: PipelineConfig,
         ctx: Arc<WorkerContext>,
         control: Arc<dyn DriverControl>,
-        lanes: Vec<mpsc::Sender<LaneJob>>,
+        lanes: Vec<mpsc::Sender<Vec<LaneJob>>>,
     ) -> Self {
         State {
             cfg,
             ctx,
             control,
+            lane_batches: (0..lanes.len()).map(|_| Vec::new()).collect(),
             lanes,
-            parts: HashMap::new(),
+            parts: HashMap::default(),
+            last_tp: None,
             in_flight: 0,
             in_flight_bytes: 0,
             backpressure: false,
@@ -197,6 +225,7 @@ impl State {
             draining: false,
             pause_dirty: false,
             pending: VecDeque::new(),
+            spent: Vec::new(),
             revoke: None,
             summary: ConsumerSummary::new(),
             topic_counters: HashMap::new(),
@@ -227,6 +256,9 @@ impl State {
     }
 
     fn accept_pending(&mut self) {
+        // One clock read per round: a time read a little early can only make a retry wait
+        // longer, never run before its due time.
+        let now = (!self.pending.is_empty()).then(now_ms).unwrap_or_default();
         while !self.draining {
             let Some((d, _)) = self.pending.front() else {
                 break;
@@ -237,8 +269,9 @@ impl State {
             let Some((d, epoch)) = self.pending.pop_front() else {
                 break;
             };
-            self.accept(d, epoch);
+            self.accept(d, epoch, now);
         }
+        self.hand_over();
         // The bounds hold because no delivery is taken beyond them. Pausing the partitions
         // on top of that keeps the driver polling (callbacks, group liveness) during
         // sustained saturation; a pause makes librdkafka drop what it prefetched, so a
@@ -274,12 +307,37 @@ impl State {
         }
     }
 
-    fn accept(&mut self, d: Delivery, epoch: Epoch) {
-        let tp = Tp::new(d.topic.clone(), d.partition);
-        let Some(part) = self.parts.get_mut(&tp) else {
-            return; // not assigned (any more): its owner fetches it
+    /// Hands the accepted jobs over to their lanes, one batch per lane.
+    fn hand_over(&mut self) {
+        for (lane, batch) in self.lanes.iter().zip(self.lane_batches.iter_mut()) {
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(e) = lane.try_send(std::mem::take(batch)) {
+                // Unreachable while the bound holds; never drop silently.
+                tracing::error!(error = %e, "A worker lane refused messages; they stay uncommitted.");
+            }
+        }
+    }
+
+    fn accept(&mut self, d: Delivery, epoch: Epoch, now: i64) {
+        // Deliveries come in runs of one partition: the last one's `Tp` is reused.
+        let same = self
+            .last_tp
+            .as_ref()
+            .is_some_and(|tp| tp.partition == d.partition && tp.topic == d.topic);
+        if !same {
+            self.last_tp = Some(Arc::new(Tp::new(d.topic.clone(), d.partition)));
+        }
+        let Some(part) = self
+            .last_tp
+            .as_deref()
+            .and_then(|tp| self.parts.get_mut(tp))
+        else {
+            // Not assigned (any more): its owner fetches it.
+            self.spend(d);
+            return;
         };
-        let now = now_ms();
         let rules = GateRules {
             group: &self.ctx.group,
             now_ms: now,
@@ -289,9 +347,13 @@ impl State {
             ),
         };
         let due_at_ms = match part.admit(&d, epoch, &rules, self.control.as_ref()) {
-            Admit::Drop => return,
+            Admit::Drop => {
+                self.spend(d);
+                return;
+            }
             Admit::Wait | Admit::Reseek => {
                 self.pause_dirty = true;
+                self.spend(d);
                 return;
             }
             Admit::Skip => {
@@ -304,7 +366,7 @@ impl State {
                 self.on_completion(Completion {
                     tp,
                     generation,
-                    offset: d.offset,
+                    delivery: d,
                     bytes: 0,
                     entered: None,
                     outcome: Outcome::Skipped,
@@ -335,10 +397,7 @@ impl State {
             self.lanes.len(),
             &mut self.round_robin,
         );
-        if let Err(e) = self.lanes[lane].try_send(job) {
-            // Unreachable while the bound holds; never drop silently.
-            tracing::error!(error = %e, "A worker lane refused a message; it stays uncommitted.");
-        }
+        self.lane_batches[lane].push(job);
     }
 
     fn on_completion(&mut self, c: Completion) {
@@ -352,7 +411,7 @@ impl State {
                 part.stats.count(c.outcome);
                 part.counters.finished(c.outcome);
                 if c.outcome != Outcome::Abandoned {
-                    part.offsets.finish(c.offset);
+                    part.offsets.finish(c.delivery.offset);
                 }
             }
             // The partition was revoked meanwhile: count it, nothing to commit.
@@ -366,6 +425,27 @@ impl State {
                     outcome: c.outcome,
                 });
             }
+        }
+        self.spend(c.delivery);
+    }
+
+    /// A delivery the pipeline is done with: back to the driver in batches (see
+    /// [`DriverControl::recycle`]).
+    fn spend(&mut self, d: Delivery) {
+        self.spent.push((d, 0));
+        if self.spent.len() >= RECYCLE_BATCH {
+            self.control.recycle(std::mem::take(&mut self.spent));
+        }
+    }
+
+    /// A batch from the driver: its deliveries wait in `pending`, its emptied buffer
+    /// collects spent deliveries or goes back to the driver.
+    fn take_batch(&mut self, mut batch: DeliveryBatch) {
+        self.pending.extend(batch.drain(..));
+        if self.spent.capacity() == 0 {
+            self.spent = batch;
+        } else {
+            self.control.recycle(batch);
         }
     }
 

@@ -16,7 +16,6 @@
 mod rebalance;
 mod state;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -36,7 +35,7 @@ use crate::service::source::{DeliveryBatch, DriverControl, DriverEvent, Epoch, T
 use crate::transport::context::ErrorLimiter;
 use crate::transport::settings::{client_config, ClientRole};
 use rebalance::DriverContext;
-use state::{apply_commands, tpl_of, Commands, FailedCommits, Shared};
+use state::{apply_commands, tpl_of, Assignments, Commands, FailedCommits, Shared};
 
 /// Messages taken from librdkafka per poll round and sent to the pipeline as one batch.
 const MAX_BATCH: usize = 256;
@@ -87,6 +86,10 @@ impl DriverControl for KafkaDriverControl {
         }
     }
 
+    fn recycle(&self, spent: DeliveryBatch) {
+        self.shared.recycled.lock().push(spent);
+    }
+
     fn close(&self, offsets: Vec<(Tp, Epoch, i64)>) {
         self.shared.commands.lock().close = Some(offsets);
         if let Some(t) = self.thread.lock().take() {
@@ -122,7 +125,8 @@ pub fn start(
 ) -> Result<Driver, KafkaError> {
     let shared = Arc::new(Shared {
         commands: Mutex::new(Commands::default()),
-        assigned: Mutex::new(HashMap::new()),
+        recycled: Mutex::new(Vec::new()),
+        assigned: Mutex::new(Assignments::default()),
         failed: Mutex::new(FailedCommits::default()),
         next_epoch: AtomicU64::new(1),
         closing: AtomicBool::new(false),
@@ -196,35 +200,60 @@ fn subscription(sources: &[String], retry_prefix: &str) -> Vec<String> {
     topics
 }
 
+/// The poll loop's last look-up of a partition's fetch epoch: messages come in runs of one
+/// partition, so most need neither a new `Tp` nor a map look-up. Valid while the
+/// assignments' version is the same.
+struct EpochMemo {
+    tp: Tp,
+    version: u64,
+    epoch: Option<Epoch>,
+}
+
+impl EpochMemo {
+    /// The fetch epoch of `topic`/`partition`, if it is assigned.
+    fn epoch(&mut self, shared: &Shared, topic: &str, partition: i32) -> Option<Epoch> {
+        let assigned = shared.assigned.lock();
+        let same = self.version == assigned.version()
+            && self.tp.partition == partition
+            && self.tp.topic == topic;
+        if !same {
+            if self.tp.topic != topic {
+                self.tp.topic = topic.to_owned();
+            }
+            self.tp.partition = partition;
+            self.version = assigned.version();
+            self.epoch = assigned.get(&self.tp).map(|a| a.fetch_epoch);
+        }
+        self.epoch
+    }
+}
+
 /// One poll round: up to [`MAX_BATCH`] messages or [`MAX_BATCH_BYTES`], each tagged with its
 /// partition's fetch epoch (messages of partitions not assigned are dropped: they are
 /// fetched again by their owner).
-fn poll_batch(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> DeliveryBatch {
-    let mut batch: DeliveryBatch = Vec::new();
+fn poll_batch(
+    consumer: &BaseConsumer<DriverContext>,
+    shared: &Shared,
+    memo: &mut EpochMemo,
+    mut batch: DeliveryBatch,
+) -> DeliveryBatch {
     let mut bytes = 0;
     let mut wait = POLL_WAIT;
     while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
         match consumer.poll(wait) {
-            Some(Ok(m)) => {
-                let epoch = shared
-                    .assigned
-                    .lock()
-                    .get(&Tp::new(m.topic(), m.partition()))
-                    .map(|a| a.fetch_epoch);
-                if epoch.is_none() {
-                    tracing::debug!(
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        "Dropped a message of a partition that is not assigned."
-                    );
-                }
-                if let Some(epoch) = epoch {
+            Some(Ok(m)) => match memo.epoch(shared, m.topic(), m.partition()) {
+                Some(epoch) => {
                     let d = to_delivery(&m);
                     bytes += d.size_bytes();
                     batch.push((d, epoch));
                 }
-            }
+                None => tracing::debug!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "Dropped a message of a partition that is not assigned."
+                ),
+            },
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "Consumer error.");
                 break;
@@ -234,6 +263,21 @@ fn poll_batch(consumer: &BaseConsumer<DriverContext>, shared: &Shared) -> Delive
         wait = Duration::ZERO;
     }
     batch
+}
+
+/// Emptied batch buffers the poll loop keeps for reuse at most.
+const SPARE_BATCHES: usize = 8;
+
+/// Frees what the pipeline handed back (on this thread, which allocated it) and keeps a few
+/// emptied buffers for the next batches.
+fn reclaim(shared: &Shared, spare: &mut Vec<DeliveryBatch>) {
+    let returned = std::mem::take(&mut *shared.recycled.lock());
+    for mut batch in returned {
+        batch.clear();
+        if spare.len() < SPARE_BATCHES && batch.capacity() >= MAX_BATCH {
+            spare.push(batch);
+        }
+    }
 }
 
 /// How often the driver checks that librdkafka's assignment and the pipeline's agree.
@@ -297,6 +341,12 @@ fn poll_loop(
     // committing anything more, so another member takes over from the last commit.
     let mut pipeline_gone: Option<std::time::Instant> = None;
     let mut last_check = std::time::Instant::now();
+    let mut spare: Vec<DeliveryBatch> = Vec::new();
+    let mut memo = EpochMemo {
+        tp: Tp::new(String::new(), -1),
+        version: u64::MAX,
+        epoch: None,
+    };
     loop {
         if let Some(offsets) = apply_commands(&consumer, &shared) {
             shared.closing.store(true, Ordering::SeqCst);
@@ -318,9 +368,15 @@ fn poll_loop(
             last_check = std::time::Instant::now();
             consumer.context().reconcile(&consumer);
         }
-        let batch = poll_batch(&consumer, &shared);
-        if (!batch.is_empty() && deliveries.blocking_send(batch).is_err()) || deliveries.is_closed()
-        {
+        reclaim(&shared, &mut spare);
+        let buffer = spare.pop().unwrap_or_else(|| Vec::with_capacity(MAX_BATCH));
+        let batch = poll_batch(&consumer, &shared, &mut memo, buffer);
+        if batch.is_empty() {
+            spare.push(batch);
+        } else if deliveries.blocking_send(batch).is_err() {
+            pipeline_gone = Some(std::time::Instant::now());
+        }
+        if deliveries.is_closed() {
             pipeline_gone = Some(std::time::Instant::now());
         }
     }

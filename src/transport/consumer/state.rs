@@ -11,13 +11,43 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::rebalance::DriverContext;
-use crate::service::source::{Epoch, Tp};
+use crate::service::source::{DeliveryBatch, Epoch, Tp};
 
 /// One assignment of a partition: its generation and current fetch epoch.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Assigned {
     pub(super) generation: Epoch,
     pub(super) fetch_epoch: Epoch,
+}
+
+/// The live assignments. Every change (through `DerefMut`) bumps the version, so the poll
+/// loop can keep its last look-up until something changed (see `poll_batch`).
+#[derive(Default)]
+pub(super) struct Assignments {
+    map: HashMap<Tp, Assigned>,
+    version: u64,
+}
+
+impl std::ops::Deref for Assignments {
+    type Target = HashMap<Tp, Assigned>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Assignments {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.version = self.version.wrapping_add(1);
+        &mut self.map
+    }
+}
+
+impl Assignments {
+    /// Bumped by every change.
+    pub(super) fn version(&self) -> u64 {
+        self.version
+    }
 }
 
 #[derive(Default)]
@@ -53,7 +83,10 @@ pub(super) const COMMIT_RETRY: Duration = Duration::from_secs(1);
 
 pub(super) struct Shared {
     pub(super) commands: Mutex<Commands>,
-    pub(super) assigned: Mutex<HashMap<Tp, Assigned>>,
+    /// Deliveries and batch buffers the pipeline handed back, freed and reused by the poll
+    /// loop (see `DriverControl::recycle`).
+    pub(super) recycled: Mutex<Vec<DeliveryBatch>>,
+    pub(super) assigned: Mutex<Assignments>,
     pub(super) failed: Mutex<FailedCommits>,
     pub(super) next_epoch: AtomicU64,
     pub(super) closing: AtomicBool,

@@ -51,6 +51,7 @@ fn control(calls: &Arc<Mutex<Calls>>) -> MockDriverControl {
     let k = calls.clone();
     c.expect_resume()
         .returning(move |tp, g| k.lock().resumes.push((tp.clone(), g)));
+    c.expect_recycle().returning(|_| ());
     let k = calls.clone();
     c.expect_close()
         .returning(move |o| k.lock().closed = Some(o));
