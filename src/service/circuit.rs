@@ -7,6 +7,12 @@
 //!   `PROCESSOR_CIRCUIT_MIN_CALLS` calls in `PROCESSOR_CIRCUIT_WINDOW`, or after that many
 //!   connection errors or timeouts in a row. Fatal results never count: an endpoint that
 //!   answers 4xx is up.
+//! - **Suspect**: a retryable failure that does not open the circuit is not routed at once.
+//!   It is a per-message failure only once the endpoint answers another call after it; an
+//!   outage answers none, and its failures pile up until the circuit opens. So the message
+//!   waits, off its lane, for [`Breaker::settle`]: an answer recorded after it routes it as
+//!   usual; the circuit opening holds it like any other; with neither within the window
+//!   (too little traffic to tell), it is routed.
 //! - **Open**: no call goes out. A message whose retryable failure tripped the circuit, or
 //!   came in while it was open, is *held*: its lane waits and calls again once the circuit
 //!   closes, so it is neither routed nor committed, its retry level does not advance and its
@@ -121,6 +127,12 @@ struct Inner {
     probe_out: bool,
     intervals: backon::ExponentialBackoff,
     last_error: String,
+    /// Calls the endpoint answered (a success or a fatal refusal), ever.
+    answered: u64,
+    /// Times the circuit opened, ever.
+    opened: u64,
+    /// Suspects waiting in [`Breaker::settle`]: an answer wakes them only when there are.
+    settling: u32,
 }
 
 /// How a call was let through.
@@ -153,6 +165,17 @@ pub enum Verdict {
     Route,
     /// Held: wait for the circuit and call again with the same message.
     Hold,
+    /// A retryable failure while the circuit is closed: per-message or the start of an
+    /// outage? [`Breaker::settle`] tells (`Route` or `Hold`).
+    Suspect(Suspect),
+}
+
+/// Where the breaker stood when a suspect failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suspect {
+    answered: u64,
+    opened: u64,
+    until: Instant,
 }
 
 /// The circuit breaker of one consumer process.
@@ -164,6 +187,8 @@ pub struct Breaker {
     closed: AtomicBool,
     inner: Mutex<Inner>,
     wake: Notify,
+    /// Wakes suspects: an answer was recorded, or the circuit opened.
+    settled: Notify,
     state_tx: watch::Sender<CircuitState>,
     metrics: Metrics,
 }
@@ -190,10 +215,14 @@ impl Breaker {
                 probe_out: false,
                 intervals: intervals(settings.open_for),
                 last_error: String::new(),
+                answered: 0,
+                opened: 0,
+                settling: 0,
             }),
             settings,
             closed: AtomicBool::new(true),
             wake: Notify::new(),
+            settled: Notify::new(),
             state_tx,
             metrics,
         })
@@ -311,6 +340,12 @@ impl Breaker {
             // An answer, even a refusal, means the endpoint is up.
             Ok(()) | Err(ProcessError::Fatal(_)) => (false, false),
         };
+        if !failed {
+            inner.answered += 1;
+            if inner.settling > 0 {
+                self.settled.notify_waiters();
+            }
+        }
         match inner.state {
             CircuitState::Closed => {
                 inner.window.record(now, failed);
@@ -333,7 +368,11 @@ impl Breaker {
                             inner.consecutive_unreachable
                         )
                     } else {
-                        return Verdict::Route;
+                        return Verdict::Suspect(Suspect {
+                            answered: inner.answered,
+                            opened: inner.opened,
+                            until: now + self.settings.window,
+                        });
                     };
                 self.open(&mut inner, now, &reason);
                 Verdict::Hold
@@ -360,11 +399,41 @@ impl Breaker {
         }
     }
 
+    /// Waits until a suspect failure is settled: `Route` once the endpoint answered a call
+    /// recorded after it (a per-message failure), `Hold` once the circuit opened after it
+    /// (the outage claims it: call again when the circuit lets it), `Route` when the window
+    /// passes with neither.
+    pub async fn settle(&self, suspect: Suspect) -> Verdict {
+        let _waiting = Settling::enter(self);
+        loop {
+            let woken = self.settled.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let inner = self.inner.lock();
+                if inner.opened != suspect.opened {
+                    return Verdict::Hold;
+                }
+                if inner.answered != suspect.answered || Instant::now() >= suspect.until {
+                    return Verdict::Route;
+                }
+            }
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(suspect.until) => {}
+            }
+        }
+    }
+
     fn open(&self, inner: &mut Inner, now: Instant, reason: &str) {
         let interval = inner.intervals.next().unwrap_or(self.settings.open_for.1);
         inner.reopen_at = Some(now + interval);
+        inner.opened += 1;
         let reason = format!("{reason}; the next probe in {} ms", interval.as_millis());
         self.transition(inner, CircuitState::Open, &reason);
+        if inner.settling > 0 {
+            self.settled.notify_waiters();
+        }
     }
 
     fn transition(&self, inner: &mut Inner, to: CircuitState, reason: &str) {
@@ -379,6 +448,22 @@ impl Breaker {
             last_error: &inner.last_error,
         });
         self.state_tx.send_replace(to);
+    }
+}
+
+/// Counts a suspect in [`Breaker::settle`] for as long as it waits.
+struct Settling<'a>(&'a Breaker);
+
+impl<'a> Settling<'a> {
+    fn enter(breaker: &'a Breaker) -> Self {
+        breaker.inner.lock().settling += 1;
+        Settling(breaker)
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.inner.lock().settling -= 1;
     }
 }
 

@@ -23,7 +23,7 @@ use crate::observability::events::{
 };
 use crate::observability::Metrics;
 use crate::observability::Readiness;
-use crate::service::circuit::{Breaker, Verdict};
+use crate::service::circuit::{Breaker, Suspect, Verdict};
 use crate::service::dedupe::{Claim, DedupeStore};
 use crate::service::limits::Limits;
 use crate::service::processor::{ProcessError, Processor};
@@ -109,6 +109,18 @@ pub enum Step {
     /// that: the message stays in flight (its offset tracked, so the commit point holds at
     /// it) while the lane takes its next message.
     Forward(Forward),
+    /// Failed while the circuit is closed, without opening it: per-message, or the start
+    /// of an outage? [`WorkerContext::finish`] waits for the breaker to tell (see
+    /// [`Breaker::settle`]), off the lane like a [`Step::Forward`].
+    Suspect(Suspected),
+}
+
+/// A failure waiting for the breaker's verdict.
+#[derive(Debug)]
+pub struct Suspected {
+    suspect: Suspect,
+    err: ProcessError,
+    failed_ms: i64,
 }
 
 /// A failed message's next hop, ready to publish.
@@ -127,23 +139,56 @@ impl WorkerContext {
     /// the message unfinished (left uncommitted), when `revoked` (its partition) or
     /// `stop_holding` (shutdown) fires.
     pub async fn handle(&self, job: &Job, revoked: &CancellationToken) -> Outcome {
-        match self.process(job, revoked).await {
-            Step::Done(outcome) => outcome,
-            Step::Forward(hop) => self.forward(&job.delivery, hop).await,
+        let step = self.process(job, revoked).await;
+        self.finish(job, step, revoked).await
+    }
+
+    /// Takes a message from where [`WorkerContext::process`] left it to its outcome: waits
+    /// for a suspect's verdict (calling again when the circuit held it) and publishes a
+    /// failed message's next hop.
+    pub async fn finish(&self, job: &Job, mut step: Step, revoked: &CancellationToken) -> Outcome {
+        loop {
+            step = match step {
+                Step::Done(outcome) => return outcome,
+                Step::Forward(hop) => return self.forward(&job.delivery, hop).await,
+                Step::Suspect(s) => self.settle(job, s, revoked).await,
+            };
         }
     }
 
     /// Handles one message up to its outcome or, when it failed, up to the record of its
-    /// next hop (see [`Step::Forward`]): what [`WorkerContext::handle`] does before it
-    /// publishes.
+    /// next hop (see [`Step::Forward`]) or the breaker's doubt (see [`Step::Suspect`]):
+    /// what [`WorkerContext::handle`] does on the lane.
     pub async fn process(&self, job: &Job, revoked: &CancellationToken) -> Step {
-        let d = &job.delivery;
         if let Some(due) = job.due_at_ms {
             let late_ms = now_ms().saturating_sub(due).max(0);
             self.metrics.emit(RetryStarted {
                 late: Duration::from_millis(late_ms as u64),
             });
         }
+        self.attempt(job, revoked).await
+    }
+
+    /// Waits for the breaker's verdict on a suspect failure: routed as usual once the
+    /// endpoint answered another call after it; called again (once the circuit lets it)
+    /// when the circuit opened after it. Gives up, unfinished, on a revoke or shutdown.
+    async fn settle(&self, job: &Job, s: Suspected, revoked: &CancellationToken) -> Step {
+        let verdict = tokio::select! {
+            biased;
+            v = self.breaker.settle(s.suspect) => v,
+            _ = revoked.cancelled() => return Step::Done(Outcome::Abandoned),
+            _ = self.stop_holding.cancelled() => return Step::Done(Outcome::Abandoned),
+        };
+        match verdict {
+            Verdict::Hold => self.attempt(job, revoked).await,
+            _ => Step::Forward(self.route_failure(job, &s.err, s.failed_ms)),
+        }
+    }
+
+    /// Calls the processor for one message (again while the circuit holds it) up to its
+    /// outcome, its next hop or the breaker's doubt.
+    async fn attempt(&self, job: &Job, revoked: &CancellationToken) -> Step {
+        let d = &job.delivery;
         let id = d.message_id();
         loop {
             // Biased toward going ahead: a closed circuit and free limits never lose a
@@ -184,10 +229,20 @@ impl WorkerContext {
                 }
                 Err(err) => {
                     self.release(id, claimed, Outcome::Abandoned);
-                    if verdict == Verdict::Route {
-                        return Step::Forward(self.route_failure(job, &err, done_ms));
+                    match verdict {
+                        Verdict::Route => {
+                            return Step::Forward(self.route_failure(job, &err, done_ms))
+                        }
+                        Verdict::Suspect(suspect) => {
+                            return Step::Suspect(Suspected {
+                                suspect,
+                                err,
+                                failed_ms: done_ms,
+                            })
+                        }
+                        // Held by the circuit: wait for it and call again, same message.
+                        Verdict::Hold => {}
                     }
-                    // Held by the circuit: wait for it and call again, same message.
                 }
             }
         }
@@ -717,6 +772,119 @@ mod tests {
             "left uncommitted for the next start"
         );
         assert_eq!(metrics.held_messages.get(), 0);
+    }
+
+    /// The start of an outage, through the worker: the first failure does not open the
+    /// circuit and is not routed either; the second opens it; both messages are called again
+    /// once the endpoint is back, and nothing reaches a retry topic or the DLQ.
+    #[tokio::test(start_paused = true)]
+    async fn failures_at_the_start_of_an_outage_are_held_not_routed() {
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let d = down.clone();
+        let mut processor = MockProcessor::new();
+        processor.expect_process().returning(move |_| {
+            if d.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(ProcessError::retryable("HTTP 503"))
+            } else {
+                Ok(())
+            }
+        });
+        let mut publisher = MockPublisher::new();
+        publisher.expect_publish().never();
+        let mut ctx = ctx(processor, publisher);
+        ctx.breaker = Breaker::new(
+            CircuitSettings {
+                enabled: true,
+                failure_ratio: 0.5,
+                min_calls: 2,
+                window: Duration::from_secs(10),
+                open_for: (Duration::from_secs(1), Duration::from_secs(1)),
+            },
+            Metrics::new(),
+        );
+        let ctx = Arc::new(ctx);
+        let revoked = CancellationToken::new();
+        let first = job(10);
+        let step = ctx.process(&first, &revoked).await;
+        assert!(matches!(step, Step::Suspect(_)), "{step:?}");
+        let settling = {
+            let (ctx, revoked) = (ctx.clone(), revoked.clone());
+            tokio::spawn(async move { ctx.finish(&first, step, &revoked).await })
+        };
+        let mut second = job(10);
+        second.delivery.offset = 8;
+        second.delivery.headers[0].1 = Some(b"m2".to_vec());
+        let held = {
+            let (ctx, revoked) = (ctx.clone(), revoked.clone());
+            tokio::spawn(async move { ctx.handle(&second, &revoked).await })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            ctx.breaker.state(),
+            crate::service::circuit::CircuitState::Open
+        );
+        assert!(!settling.is_finished() && !held.is_finished(), "both held");
+        down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(settling.await.unwrap(), Outcome::Ok);
+        assert_eq!(held.await.unwrap(), Outcome::Ok);
+    }
+
+    /// A per-message failure while the endpoint answers other calls is routed as soon as
+    /// another call is answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_per_message_failure_is_routed_once_another_call_is_answered() {
+        let mut processor = MockProcessor::new();
+        processor.expect_process().returning(|d| {
+            if d.offset == 7 {
+                Err(ProcessError::retryable("HTTP 500"))
+            } else {
+                Ok(())
+            }
+        });
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let seen = sent.clone();
+        let mut publisher = MockPublisher::new();
+        publisher.expect_publish().returning(move |r| {
+            seen.lock().push(r.topic);
+            Ok(Ack {
+                partition: 0,
+                offset: 0,
+            })
+        });
+        let mut ctx = ctx(processor, publisher);
+        ctx.breaker = Breaker::new(
+            CircuitSettings {
+                enabled: true,
+                failure_ratio: 0.5,
+                min_calls: 20,
+                window: Duration::from_secs(10),
+                open_for: (Duration::from_secs(1), Duration::from_secs(1)),
+            },
+            Metrics::new(),
+        );
+        let ctx = Arc::new(ctx);
+        let revoked = CancellationToken::new();
+        let failing = {
+            let (ctx, revoked) = (ctx.clone(), revoked.clone());
+            tokio::spawn(async move {
+                let outcome = ctx.handle(&job(10), &revoked).await;
+                (outcome, tokio::time::Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !failing.is_finished(),
+            "undecided until another call is answered"
+        );
+        let answered = tokio::time::Instant::now();
+        let mut other = job(10);
+        other.delivery.offset = 8;
+        other.delivery.headers[0].1 = Some(b"m2".to_vec());
+        assert_eq!(ctx.handle(&other, &revoked).await, Outcome::Ok);
+        let (outcome, at) = failing.await.unwrap();
+        assert_eq!(outcome, Outcome::Retried(1));
+        assert_eq!(at, answered, "at once");
+        assert_eq!(*sent.lock(), vec!["ev-retry-1".to_owned()]);
     }
 
     #[test]

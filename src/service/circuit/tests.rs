@@ -24,6 +24,11 @@ fn unreachable() -> Result<(), ProcessError> {
     Err(ProcessError::unreachable("connection refused"))
 }
 
+/// Whether the breaker doubts a failure (see [`Breaker::settle`]).
+fn suspect(v: &Verdict) -> bool {
+    matches!(v, Verdict::Suspect(_))
+}
+
 /// Calls `n` times with `result`, returning the verdicts.
 async fn calls(
     b: &Arc<Breaker>,
@@ -44,7 +49,7 @@ async fn a_failure_share_over_the_minimum_calls_opens_and_holds_the_tripping_mes
     let b = Breaker::new(settings(), m.clone());
     assert_eq!(calls(&b, 2, || Ok(())).await, vec![Verdict::Route; 2]);
     // 1 of 3, then 2 of 4: the fourth call reaches the minimum and the share.
-    assert_eq!(calls(&b, 1, down).await, vec![Verdict::Route]);
+    assert!(suspect(&calls(&b, 1, down).await[0]));
     assert_eq!(b.state(), CircuitState::Closed);
     assert_eq!(calls(&b, 1, down).await, vec![Verdict::Hold]);
     assert_eq!(b.state(), CircuitState::Open);
@@ -56,7 +61,7 @@ async fn a_failure_share_over_the_minimum_calls_opens_and_holds_the_tripping_mes
 async fn a_run_of_connection_errors_opens_it_without_the_share() {
     let b = Breaker::new(settings(), Metrics::new());
     calls(&b, 20, || Ok(())).await;
-    assert_eq!(calls(&b, 3, unreachable).await, vec![Verdict::Route; 3]);
+    assert!(calls(&b, 3, unreachable).await.iter().all(suspect));
     assert_eq!(
         calls(&b, 1, unreachable).await,
         vec![Verdict::Hold],
@@ -78,8 +83,22 @@ async fn a_steady_five_percent_failure_never_trips() {
     let b = Breaker::new(settings(), Metrics::new());
     for i in 0..2000 {
         let pass = b.admit().await;
-        let result = if i % 20 == 0 { down() } else { Ok(()) };
-        assert_eq!(b.record(pass, &result), Verdict::Route, "call {i}");
+        if i % 20 == 0 {
+            let v = b.record(pass, &down());
+            let Verdict::Suspect(s) = v else {
+                panic!("call {i}: {v:?}")
+            };
+            // The next call succeeds: the failure was the message's own.
+            let pass = b.admit().await;
+            assert_eq!(b.record(pass, &Ok(())), Verdict::Route);
+            assert_eq!(
+                futures::FutureExt::now_or_never(b.settle(s)),
+                Some(Verdict::Route),
+                "call {i}: routed at once"
+            );
+        } else {
+            assert_eq!(b.record(pass, &Ok(())), Verdict::Route, "call {i}");
+        }
         tokio::time::advance(Duration::from_millis(10)).await;
     }
     assert_eq!(b.state(), CircuitState::Closed);
@@ -92,7 +111,7 @@ async fn old_failures_leave_the_window() {
     calls(&b, 2, || Ok(())).await;
     tokio::time::advance(Duration::from_secs(11)).await;
     // Had the first failure stayed, this would be 2 of 4.
-    assert_eq!(calls(&b, 1, down).await, vec![Verdict::Route]);
+    assert!(suspect(&calls(&b, 1, down).await[0]));
     assert_eq!(b.state(), CircuitState::Closed);
 }
 
@@ -202,4 +221,91 @@ async fn switched_off_it_never_holds() {
         .iter()
         .all(|v| *v == Verdict::Route));
     assert_eq!(b.state(), CircuitState::Closed);
+}
+
+/// A retryable failure that does not open the circuit waits for the endpoint to answer
+/// another call after it: then it is the message's own failure, routed as usual.
+#[tokio::test(start_paused = true)]
+async fn a_suspect_failure_is_routed_once_the_endpoint_answers_a_later_call() {
+    let b = Breaker::new(settings(), Metrics::new());
+    calls(&b, 10, || Ok(())).await;
+    let [Verdict::Suspect(s)] = calls(&b, 1, down).await[..] else {
+        panic!("a failure below the threshold is a suspect")
+    };
+    let settled = {
+        let b = b.clone();
+        tokio::spawn(async move { (b.settle(s).await, Instant::now()) })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!settled.is_finished(), "no answer yet: undecided");
+    let answered = Instant::now();
+    // A refusal is an answer too: the endpoint is up.
+    calls(&b, 1, || Err(ProcessError::fatal("HTTP 400"))).await;
+    let (verdict, at) = settled.await.unwrap();
+    assert_eq!(verdict, Verdict::Route);
+    assert_eq!(at, answered, "at once");
+    assert_eq!(b.state(), CircuitState::Closed);
+}
+
+/// The failures at the start of an outage open the circuit before any answer comes: every
+/// suspect among them is then held like the failure that tripped it, so none is routed.
+#[tokio::test(start_paused = true)]
+async fn suspect_failures_are_held_when_the_circuit_opens_after_them() {
+    let b = Breaker::new(settings(), Metrics::new());
+    calls(&b, 2, || Ok(())).await;
+    let suspects = calls(&b, 1, down).await;
+    let [Verdict::Suspect(s)] = suspects[..] else {
+        panic!("{suspects:?}")
+    };
+    let settled = {
+        let b = b.clone();
+        tokio::spawn(async move { b.settle(s).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!settled.is_finished());
+    assert_eq!(calls(&b, 1, down).await, vec![Verdict::Hold], "2 of 4");
+    assert_eq!(b.state(), CircuitState::Open);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_millis(1), settled)
+            .await
+            .expect("at once")
+            .unwrap(),
+        Verdict::Hold
+    );
+    // The verdict stands, whatever is answered later.
+    calls(&b, 1, || Ok(())).await;
+    assert_eq!(b.settle(s).await, Verdict::Hold);
+}
+
+/// With too little traffic to tell (no other call within the window), a suspect failure is
+/// routed once the window has passed, never before.
+#[tokio::test(start_paused = true)]
+async fn a_suspect_failure_without_other_traffic_is_routed_after_the_window() {
+    let b = Breaker::new(settings(), Metrics::new());
+    let failed = Instant::now();
+    let [Verdict::Suspect(s)] = calls(&b, 1, down).await[..] else {
+        panic!("a suspect")
+    };
+    assert_eq!(b.settle(s).await, Verdict::Route);
+    assert_eq!(failed.elapsed(), Duration::from_secs(10), "the window");
+    assert_eq!(b.state(), CircuitState::Closed);
+}
+
+/// A suspect that gives up waiting (its partition was revoked) leaves no waiter counted, and
+/// the answers after it wake nobody.
+#[tokio::test(start_paused = true)]
+async fn a_suspect_that_stops_waiting_is_no_longer_counted() {
+    let b = Breaker::new(settings(), Metrics::new());
+    let [Verdict::Suspect(s)] = calls(&b, 1, down).await[..] else {
+        panic!("a suspect")
+    };
+    let waiting = {
+        let b = b.clone();
+        tokio::spawn(async move { b.settle(s).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(b.inner.lock().settling, 1);
+    waiting.abort();
+    let _ = waiting.await;
+    assert_eq!(b.inner.lock().settling, 0);
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{Delivery, Outcome};
 use crate::observability::events::{At, HandlingPanicked};
 use crate::service::source::{Epoch, Tp};
-use crate::service::worker::{Forward, Job, Step, WorkerContext};
+use crate::service::worker::{Job, Step, WorkerContext};
 
 const CLOSED: u64 = 1 << 63;
 
@@ -104,8 +104,9 @@ pub(super) fn spawn(
 
 /// A lane: takes its jobs in batches (one hand-over per batch), handles each in turn, and
 /// reports each completion as soon as it has it. A failed message's retry or DLQ publish
-/// runs in a task of its own, which reports the completion once the broker acknowledged
-/// it, so the lane goes on meanwhile; its partition's commit point holds at the message
+/// (and, before it, the circuit breaker's verdict on a suspect failure) runs in a task of
+/// its own, which reports the completion once the broker acknowledged it, so the lane goes
+/// on meanwhile; its partition's commit point holds at the message
 /// until then (it is in flight), so what is committed and when does not change.
 async fn run_lane(
     mut rx: mpsc::Receiver<Vec<LaneJob>>,
@@ -126,10 +127,10 @@ async fn run_lane(
                         return;
                     }
                 }
-                Step::Forward(hop) => {
+                step => {
                     let (ctx, done) = (ctx.clone(), done.clone());
                     tokio::spawn(async move {
-                        let outcome = forward(&ctx, &lj, hop).await;
+                        let outcome = finish(&ctx, &lj, step).await;
                         let _ = done.send(completion(lj, true, outcome)).await;
                     });
                 }
@@ -162,9 +163,10 @@ async fn handle(ctx: &WorkerContext, lj: &LaneJob) -> Step {
     }
 }
 
-/// Publishes a failed job to its next hop; a panic is handled as in [`handle`].
-async fn forward(ctx: &WorkerContext, lj: &LaneJob, hop: Forward) -> Outcome {
-    match AssertUnwindSafe(ctx.forward(&lj.job.delivery, hop))
+/// Takes a failed job off the lane to its outcome (the breaker's verdict on a suspect, the
+/// publish of its next hop); a panic is handled as in [`handle`].
+async fn finish(ctx: &WorkerContext, lj: &LaneJob, step: Step) -> Outcome {
+    match AssertUnwindSafe(ctx.finish(&lj.job, step, lj.gate.revoked()))
         .catch_unwind()
         .await
     {
