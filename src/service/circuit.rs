@@ -7,12 +7,14 @@
 //!   `PROCESSOR_CIRCUIT_MIN_CALLS` calls in `PROCESSOR_CIRCUIT_WINDOW`, or after that many
 //!   connection errors or timeouts in a row. Fatal results never count: an endpoint that
 //!   answers 4xx is up.
-//! - **Suspect**: a retryable failure that does not open the circuit is not routed at once.
-//!   It is a per-message failure only once the endpoint answers another call after it; an
-//!   outage answers none, and its failures pile up until the circuit opens. So the message
-//!   waits, off its lane, for [`Breaker::settle`]: an answer recorded after it routes it as
-//!   usual; the circuit opening holds it like any other; with neither within the window
-//!   (too little traffic to tell), it is routed.
+//! - **Suspect**: a retryable failure that does not open the circuit, while the window holds
+//!   at least the minimum of calls, is not routed at once. It is a per-message failure only
+//!   once the endpoint answers another call after it; an outage answers none, and its
+//!   failures pile up until the circuit opens. So the message waits, off its lane, for
+//!   [`Breaker::settle`]: an answer recorded after it routes it as usual; the circuit
+//!   opening holds it like any other; with neither within the window, it is routed. Below
+//!   the minimum of calls the share cannot open the circuit anyway: the failure is routed
+//!   at once.
 //! - **Open**: no call goes out. A message whose retryable failure tripped the circuit, or
 //!   came in while it was open, is *held*: its lane waits and calls again once the circuit
 //!   closes, so it is neither routed nor committed, its retry level does not advance and its
@@ -367,6 +369,9 @@ impl Breaker {
                             "{} connection errors or timeouts in a row",
                             inner.consecutive_unreachable
                         )
+                    } else if calls < self.settings.min_calls {
+                        // Too little traffic for the share to count: nothing to wait for.
+                        return Verdict::Route;
                     } else {
                         return Verdict::Suspect(Suspect {
                             answered: inner.answered,

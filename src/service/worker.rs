@@ -575,6 +575,18 @@ mod tests {
         }
     }
 
+    /// `n` calls of other messages (ids `warm-*`, offsets 100…) that succeed while `down`
+    /// is false: traffic in the breaker's window.
+    async fn answer_calls(ctx: &WorkerContext, n: u32, down: &std::sync::atomic::AtomicBool) {
+        assert!(!down.load(std::sync::atomic::Ordering::SeqCst));
+        for i in 0..n {
+            let mut j = job(10);
+            j.delivery.offset = 100 + i64::from(i);
+            j.delivery.headers[0].1 = Some(format!("warm-{i}").into_bytes());
+            assert_eq!(ctx.handle(&j, &CancellationToken::new()).await, Outcome::Ok);
+        }
+    }
+
     fn job(payload_len: usize) -> Job {
         Job {
             delivery: Delivery {
@@ -779,7 +791,7 @@ mod tests {
     /// once the endpoint is back, and nothing reaches a retry topic or the DLQ.
     #[tokio::test(start_paused = true)]
     async fn failures_at_the_start_of_an_outage_are_held_not_routed() {
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let d = down.clone();
         let mut processor = MockProcessor::new();
         processor.expect_process().returning(move |_| {
@@ -796,7 +808,7 @@ mod tests {
             CircuitSettings {
                 enabled: true,
                 failure_ratio: 0.5,
-                min_calls: 2,
+                min_calls: 3,
                 window: Duration::from_secs(10),
                 open_for: (Duration::from_secs(1), Duration::from_secs(1)),
             },
@@ -804,6 +816,8 @@ mod tests {
         );
         let ctx = Arc::new(ctx);
         let revoked = CancellationToken::new();
+        answer_calls(&ctx, 2, &down).await;
+        down.store(true, std::sync::atomic::Ordering::SeqCst);
         let first = job(10);
         let step = ctx.process(&first, &revoked).await;
         assert!(matches!(step, Step::Suspect(_)), "{step:?}");
@@ -835,7 +849,7 @@ mod tests {
     async fn a_per_message_failure_is_routed_once_another_call_is_answered() {
         let mut processor = MockProcessor::new();
         processor.expect_process().returning(|d| {
-            if d.offset == 7 {
+            if d.offset == 7 && d.message_id() == Some("m1") {
                 Err(ProcessError::retryable("HTTP 500"))
             } else {
                 Ok(())
@@ -864,6 +878,8 @@ mod tests {
         );
         let ctx = Arc::new(ctx);
         let revoked = CancellationToken::new();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        answer_calls(&ctx, 20, &healthy).await;
         let failing = {
             let (ctx, revoked) = (ctx.clone(), revoked.clone());
             tokio::spawn(async move {
