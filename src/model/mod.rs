@@ -4,9 +4,11 @@
 use std::fmt;
 
 mod envelope;
+mod inline;
 pub mod trace;
 
 pub use envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_FIELD_BYTES};
+pub use inline::InlineBytes;
 pub use trace::{TraceContext, TraceParent, HEADER_TRACEPARENT, HEADER_TRACESTATE};
 
 /// The dedupe key, written by the producer and kept on every hop.
@@ -53,27 +55,18 @@ pub const MAX_COURIER_HEADER_BYTES: usize = 1024;
 /// kept byte for byte (a name that is not UTF-8 is forwarded unchanged, never a crash).
 ///
 /// A name of up to 30 bytes (every header courier reads or writes, and most others) is
-/// held inline, without an allocation of its own; a longer one on the heap. Equality,
-/// order and hashing are those of the bytes.
-#[derive(Clone)]
-pub struct HeaderKey(Name);
+/// held inline, without an allocation of its own (see [`InlineBytes`]). Equality, order
+/// and hashing are those of the bytes.
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HeaderKey(InlineBytes<INLINE_NAME>);
 
 /// The longest name held inline.
 const INLINE_NAME: usize = 30;
 
-#[derive(Clone)]
-enum Name {
-    Inline { len: u8, bytes: [u8; INLINE_NAME] },
-    Heap(Box<[u8]>),
-}
-
 impl HeaderKey {
     /// The name's bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        match &self.0 {
-            Name::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Name::Heap(b) => b,
-        }
+        self.0.as_bytes()
     }
 
     /// The name as text, if it is UTF-8.
@@ -87,41 +80,9 @@ impl HeaderKey {
     }
 }
 
-impl Default for HeaderKey {
-    fn default() -> Self {
-        HeaderKey::from(&[][..])
-    }
-}
-
-impl PartialEq for HeaderKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for HeaderKey {}
-
-impl std::hash::Hash for HeaderKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl PartialOrd for HeaderKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for HeaderKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
-    }
-}
-
 impl fmt::Debug for HeaderKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+        self.0.fmt(f)
     }
 }
 
@@ -145,26 +106,13 @@ impl From<String> for HeaderKey {
 
 impl From<&[u8]> for HeaderKey {
     fn from(b: &[u8]) -> Self {
-        if b.len() <= INLINE_NAME {
-            let mut bytes = [0; INLINE_NAME];
-            bytes[..b.len()].copy_from_slice(b);
-            HeaderKey(Name::Inline {
-                len: b.len() as u8,
-                bytes,
-            })
-        } else {
-            HeaderKey(Name::Heap(b.into()))
-        }
+        HeaderKey(InlineBytes::from(b))
     }
 }
 
 impl From<Vec<u8>> for HeaderKey {
     fn from(b: Vec<u8>) -> Self {
-        if b.len() <= INLINE_NAME {
-            HeaderKey::from(b.as_slice())
-        } else {
-            HeaderKey(Name::Heap(b.into_boxed_slice()))
-        }
+        HeaderKey(InlineBytes::from(b))
     }
 }
 
@@ -890,8 +838,10 @@ mod tests {
             assert_eq!(from_str, name);
             assert_eq!(from_str.to_string(), name);
         }
-        assert!(HeaderKey::from("a") < HeaderKey::from("ab"));
-        assert!(HeaderKey::from(long.as_str()) > HeaderKey::from("x"));
+        let (a, ab) = (HeaderKey::from("a"), HeaderKey::from("ab"));
+        assert!(a < ab);
+        let (long_key, x) = (HeaderKey::from(long.as_str()), HeaderKey::from("x"));
+        assert!(long_key > x);
         assert_eq!(HeaderKey::default().as_bytes(), b"");
         assert_eq!(HeaderKey::from(b"k\xff".as_slice()).as_str(), None);
         assert!(HeaderKey::from(long.as_str()).starts_with("xx"));

@@ -8,12 +8,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use parking_lot::Mutex;
+
+use crate::model::InlineBytes;
 
 /// Result of claiming a message id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,61 +40,7 @@ const INLINE_ID: usize = 46;
 
 /// A message id as a key of the map and of the FIFO, compared and hashed as its bytes (so
 /// the map is searched by `id.as_bytes()`).
-#[derive(Clone)]
-enum IdKey {
-    Inline { len: u8, bytes: [u8; INLINE_ID] },
-    Heap(Arc<[u8]>),
-}
-
-impl IdKey {
-    fn new(id: &str) -> Self {
-        let b = id.as_bytes();
-        if b.len() <= INLINE_ID {
-            let mut bytes = [0; INLINE_ID];
-            bytes[..b.len()].copy_from_slice(b);
-            IdKey::Inline {
-                len: b.len() as u8,
-                bytes,
-            }
-        } else {
-            IdKey::Heap(b.into())
-        }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            IdKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            IdKey::Heap(b) => b,
-        }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for IdKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-impl PartialEq for IdKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for IdKey {}
-
-impl std::hash::Hash for IdKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        // As `[u8]` hashes, which `Borrow<[u8]>` requires.
-        self.as_bytes().hash(state);
-    }
-}
-
-impl std::fmt::Debug for IdKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
-    }
-}
+type IdKey = InlineBytes<INLINE_ID>;
 
 /// A store of message ids: claimed atomically before processing, recorded as done on success,
 /// released on failure so a retry can run.
@@ -253,7 +200,7 @@ impl DedupeStore for MemoryDedupe {
         }
         // The entry API holds the shard's write lock for the whole decision, so two threads
         // never both acquire one id.
-        match self.entries.entry(IdKey::new(id)) {
+        match self.entries.entry(IdKey::from(id.as_bytes())) {
             Entry::Vacant(vacant) => {
                 vacant.insert(Slot::InProgress);
                 Claim::Acquired
@@ -301,7 +248,7 @@ impl DedupeStore for MemoryDedupe {
         });
         let key = match existing {
             Some(key) => key,
-            None => match self.entries.entry(IdKey::new(id)) {
+            None => match self.entries.entry(IdKey::from(id.as_bytes())) {
                 Entry::Vacant(vacant) => {
                     let key = vacant.key().clone();
                     vacant.insert(slot);

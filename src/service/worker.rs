@@ -575,6 +575,20 @@ mod tests {
         }
     }
 
+    /// A breaker that opens at half of at least `min_calls` calls in 10 s.
+    fn breaker(min_calls: u32) -> Arc<Breaker> {
+        Breaker::new(
+            CircuitSettings {
+                enabled: true,
+                failure_ratio: 0.5,
+                min_calls,
+                window: Duration::from_secs(10),
+                open_for: (Duration::from_secs(1), Duration::from_secs(1)),
+            },
+            Metrics::new(),
+        )
+    }
+
     /// `n` calls of other messages (ids `warm-*`, offsets 100…) that succeed while `down`
     /// is false: traffic in the breaker's window.
     async fn answer_calls(ctx: &WorkerContext, n: u32, down: &std::sync::atomic::AtomicBool) {
@@ -804,16 +818,7 @@ mod tests {
         let mut publisher = MockPublisher::new();
         publisher.expect_publish().never();
         let mut ctx = ctx(processor, publisher);
-        ctx.breaker = Breaker::new(
-            CircuitSettings {
-                enabled: true,
-                failure_ratio: 0.5,
-                min_calls: 3,
-                window: Duration::from_secs(10),
-                open_for: (Duration::from_secs(1), Duration::from_secs(1)),
-            },
-            Metrics::new(),
-        );
+        ctx.breaker = breaker(3);
         let ctx = Arc::new(ctx);
         let revoked = CancellationToken::new();
         answer_calls(&ctx, 2, &down).await;
@@ -866,16 +871,7 @@ mod tests {
             })
         });
         let mut ctx = ctx(processor, publisher);
-        ctx.breaker = Breaker::new(
-            CircuitSettings {
-                enabled: true,
-                failure_ratio: 0.5,
-                min_calls: 20,
-                window: Duration::from_secs(10),
-                open_for: (Duration::from_secs(1), Duration::from_secs(1)),
-            },
-            Metrics::new(),
-        );
+        ctx.breaker = breaker(20);
         let ctx = Arc::new(ctx);
         let revoked = CancellationToken::new();
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));

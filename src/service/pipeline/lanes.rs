@@ -194,7 +194,7 @@ fn panicked(ctx: &WorkerContext, lj: &LaneJob, panic: &(dyn std::any::Any + Send
 
 /// The hasher of keys to lanes (foldhash, fixed seed).
 const LANE_HASH: foldhash::fast::FixedState =
-    foldhash::fast::FixedState::with_seed(0x636f_7572_6965_72);
+    foldhash::fast::FixedState::with_seed(0x0063_6f75_7269_6572);
 
 /// The lane of a message: by key hash, so one key stays in order; keyless messages spread.
 pub(super) fn lane_of(key: Option<&[u8]>, lanes: usize, round_robin: &mut usize) -> usize {
