@@ -77,6 +77,15 @@ pub(super) fn batch_answer(
     envelopes: &[Envelope],
     results: &[Result<Ack, PublishError>],
 ) -> Response {
+    let outcome = BatchOutcome::of(results);
+    if outcome == BatchOutcome::Published {
+        let acks = results.iter().filter_map(|r| r.as_ref().ok());
+        return (
+            [(header::CONTENT_TYPE, JSON)],
+            published_json(topic, envelopes, acks),
+        )
+            .into_response();
+    }
     let out: Vec<Value> = envelopes
         .iter()
         .zip(results)
@@ -85,10 +94,6 @@ pub(super) fn batch_answer(
             Err(e) => json!({"id": env.id, "topic": topic, "error": e.message, "reason": e.kind.label()}),
         })
         .collect();
-    let outcome = BatchOutcome::of(results);
-    if outcome == BatchOutcome::Published {
-        return (StatusCode::OK, Json(json!({"results": out}))).into_response();
-    }
     let total = out.len();
     let details = Some(Value::Array(out));
     match outcome {
@@ -110,5 +115,73 @@ pub(super) fn batch_answer(
             details,
         )
         .into_response(),
+    }
+}
+
+/// The content type of every answer.
+const JSON: header::HeaderValue = header::HeaderValue::from_static("application/json");
+
+/// `{"results":[{"id":…,"topic":…,"partition":…,"offset":…},…]}` for a batch whose every event
+/// was acknowledged: the bytes `serde_json` writes for the same `json!` value, built in one
+/// buffer (the topic escaped once).
+fn published_json<'a>(
+    topic: &str,
+    envelopes: &[Envelope],
+    acks: impl Iterator<Item = &'a Ack>,
+) -> Vec<u8> {
+    use std::io::Write;
+    let mut quoted_topic = Vec::with_capacity(topic.len() + 2);
+    write_json_str(&mut quoted_topic, topic);
+    let mut out = Vec::with_capacity(16 + envelopes.len() * (80 + quoted_topic.len()));
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, (env, ack)) in envelopes.iter().zip(acks).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"id\":");
+        write_json_str(&mut out, &env.id);
+        out.extend_from_slice(b",\"topic\":");
+        out.extend_from_slice(&quoted_topic);
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            out,
+            ",\"partition\":{},\"offset\":{}}}",
+            ack.partition, ack.offset
+        );
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Appends `s` as a JSON string.
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Serializing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_published_answer_is_what_serde_json_writes() {
+        let envelopes: Vec<Envelope> = ["a", "quote\"d\u{e9}\n", "c"]
+            .iter()
+            .map(|id| Envelope::from_value(json!({"type": "t", "id": id})).unwrap())
+            .collect();
+        let acks = [
+            Ack { partition: 0, offset: 0 },
+            Ack { partition: 11, offset: 1234567890123 },
+            Ack { partition: 2, offset: -1 },
+        ];
+        let topic = "t\"opic";
+        let expected: Vec<Value> = envelopes
+            .iter()
+            .zip(&acks)
+            .map(|(env, ack)| json!({"id": env.id, "topic": topic, "partition": ack.partition, "offset": ack.offset}))
+            .collect();
+        let expected = serde_json::to_vec(&json!({"results": expected})).unwrap();
+        let got = published_json(topic, &envelopes, acks.iter());
+        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(expected).unwrap());
     }
 }

@@ -9,7 +9,9 @@
 
 use serde_json::{Map, Value};
 
-use super::{OutgoingRecord, CLOUDEVENTS_CONTENT_TYPE, HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID};
+use super::{
+    OutgoingRecord, RecordBatch, CLOUDEVENTS_CONTENT_TYPE, HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID,
+};
 
 /// Why an ingest envelope was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,9 +71,10 @@ impl Envelope {
         let id = match short_string(&body, "id", false)? {
             Some(id) => id,
             None => {
-                let id = uuid::Uuid::now_v7().to_string();
-                body.insert("id".into(), Value::String(id.clone()));
-                id
+                let mut text = uuid::Uuid::encode_buffer();
+                let id: &str = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);
+                body.insert("id".into(), Value::String(id.to_owned()));
+                id.to_owned()
             }
         };
         // An empty key is a key: it is kept, not replaced by the id.
@@ -128,6 +131,29 @@ impl Envelope {
             body,
             cloudevent: true,
         })
+    }
+
+    /// Adds the record that publishes this event to `batch`: the same key, value and headers
+    /// as [`Envelope::to_record`], written into the batch's buffer.
+    pub fn push_to(&self, batch: &mut RecordBatch) {
+        batch.push(
+            Some(self.key.as_bytes()),
+            &self.id,
+            self.partition,
+            |buf| self.write_json(buf),
+        );
+        if self.cloudevent {
+            batch.push_header(HEADER_CONTENT_TYPE, CLOUDEVENTS_CONTENT_TYPE.as_bytes());
+        }
+    }
+
+    /// Appends the published value, the envelope as JSON, to `buf`.
+    pub fn write_json(&self, buf: &mut Vec<u8>) {
+        let start = buf.len();
+        // Serializing a Map of Values into a Vec cannot fail; were it to, nothing is kept.
+        if serde_json::to_writer(&mut *buf, &self.body).is_err() {
+            buf.truncate(start);
+        }
     }
 
     /// The record that publishes this event to `topic`.

@@ -3,9 +3,11 @@
 
 use std::fmt;
 
+mod batch;
 mod envelope;
 pub mod trace;
 
+pub use batch::{RecordBatch, RecordRef};
 pub use envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_FIELD_BYTES};
 pub use trace::{TraceContext, TraceParent, HEADER_TRACEPARENT, HEADER_TRACESTATE};
 
