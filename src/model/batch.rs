@@ -88,6 +88,11 @@ impl RecordBatch {
         });
     }
 
+    /// Makes room for `records` more records.
+    pub fn reserve(&mut self, records: usize) {
+        self.entries.reserve(records);
+    }
+
     /// Adds a header to the last record pushed, after its `message-id` and the headers added
     /// before. Does nothing on an empty batch.
     pub fn push_header(&mut self, name: &str, value: &[u8]) {
@@ -96,11 +101,16 @@ impl RecordBatch {
         }
     }
 
-    /// Adds `headers` to the last record pushed, as [`RecordBatch::push_header`] does.
-    pub fn extend_headers(&mut self, headers: impl IntoIterator<Item = (HeaderKey, Option<Vec<u8>>)>) {
-        if let Some(e) = self.entries.last_mut() {
-            e.own.extend(headers);
-        }
+    /// Adds `headers` to record `index`, after the headers it has of its own.
+    ///
+    /// # Panics
+    /// When `index` is not below [`RecordBatch::len`].
+    pub fn extend_headers_of(
+        &mut self,
+        index: usize,
+        headers: impl IntoIterator<Item = (HeaderKey, Option<Vec<u8>>)>,
+    ) {
+        self.entries[index].own.extend(headers);
     }
 
     /// Headers written on every record, after its own.

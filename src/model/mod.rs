@@ -8,7 +8,7 @@ mod envelope;
 pub mod trace;
 
 pub use batch::{RecordBatch, RecordRef};
-pub use envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_FIELD_BYTES};
+pub use envelope::{events_to_batch, Envelope, EnvelopeError, MAX_ENVELOPE_FIELD_BYTES};
 pub use trace::{TraceContext, TraceParent, HEADER_TRACEPARENT, HEADER_TRACESTATE};
 
 /// The dedupe key, written by the producer and kept on every hop.

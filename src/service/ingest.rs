@@ -176,12 +176,20 @@ pub fn validate_batch(value: Value, max_events: usize) -> Result<Vec<Envelope>, 
     }
 }
 
-/// Publishes every envelope to `topic` at once and waits for the acknowledgements, until
-/// `deadline` at most (a [`PublishFailure::Timeout`] for an event not acknowledged by then).
-/// Every record carries the request's trace context `trace` as `traceparent`/`tracestate`
-/// headers (with the `otel` feature, the context of its own `publish` span, a child of
-/// `trace`). Records the results in `ledger` and logs each failure. Results are in the order
-/// of `envelopes`.
+/// The records that publish `envelopes` to `topic`, in order.
+pub fn records_of(topic: &str, envelopes: &[Envelope]) -> RecordBatch {
+    let bytes: usize = envelopes.iter().map(|e| 128 + e.key.len() + e.id.len()).sum();
+    let mut batch = RecordBatch::with_capacity(topic, envelopes.len(), bytes);
+    for env in envelopes {
+        env.push_to(&mut batch);
+    }
+    batch
+}
+
+/// Publishes every envelope to `topic` at once and waits for the acknowledgements, as
+/// [`publish_records`] does with [`records_of`] them (the API itself goes through
+/// `model::events_to_batch` first, so only the tests start from envelopes).
+#[cfg(test)]
 pub async fn publish_batch(
     publisher: &Arc<dyn Publisher>,
     topic: &str,
@@ -190,18 +198,31 @@ pub async fn publish_batch(
     deadline: Duration,
     ledger: &Ledger,
 ) -> Vec<Result<Ack, PublishError>> {
-    let bytes: usize = envelopes.iter().map(|e| 64 + e.key.len() + e.id.len()).sum();
-    let mut batch = RecordBatch::with_capacity(topic, envelopes.len(), bytes * 2);
+    let mut batch = records_of(topic, envelopes);
+    publish_records(publisher, &mut batch, trace, deadline, ledger).await
+}
+
+/// Publishes every record of `batch` at once and waits for the acknowledgements, until
+/// `deadline` at most (a [`PublishFailure::Timeout`] for an event not acknowledged by then).
+/// Every record carries the request's trace context `trace` as `traceparent`/`tracestate`
+/// headers (with the `otel` feature, the context of its own `publish` span, a child of
+/// `trace`). Records the results in `ledger` and logs each failure. Results are in the order
+/// of the batch.
+pub async fn publish_records(
+    publisher: &Arc<dyn Publisher>,
+    batch: &mut RecordBatch,
+    trace: &TraceContext,
+    deadline: Duration,
+    ledger: &Ledger,
+) -> Vec<Result<Ack, PublishError>> {
     // Without the `otel` feature every record carries the request's own context: written
     // once for the whole batch. With it, each record carries its `publish` span's.
     let per_record = cfg!(feature = "otel");
-    let spans: Vec<crate::otel::Span> = envelopes
-        .iter()
-        .map(|env| {
-            let span = crate::otel::publish_span(trace, topic, &env.id);
-            env.push_to(&mut batch);
+    let spans: Vec<crate::otel::Span> = (0..batch.len())
+        .map(|i| {
+            let span = crate::otel::publish_span(trace, batch.topic(), batch.get(i).message_id());
             if per_record {
-                batch.extend_headers(span.context_or(trace).headers());
+                batch.extend_headers_of(i, span.context_or(trace).headers());
             }
             span
         })
@@ -210,7 +231,7 @@ pub async fn publish_batch(
         batch.set_common_headers(trace.headers().collect());
     }
     let results: Vec<Result<Ack, PublishError>> = publisher
-        .publish_all(&batch, Some(deadline))
+        .publish_all(batch, Some(deadline))
         .await
         .into_iter()
         .map(|r| {
@@ -228,12 +249,13 @@ pub async fn publish_batch(
     for (span, res) in spans.into_iter().zip(&results) {
         span.end(res.as_ref().err().map(|e| e.message.as_str()));
     }
+    let topic = batch.topic();
     ledger.record_all(topic, &results);
     if results.iter().any(Result::is_err) {
         let trace_id = trace.parent.trace_id_hex();
-        for (env, res) in envelopes.iter().zip(&results) {
+        for (record, res) in batch.iter().zip(&results) {
             if let Err(e) = res {
-                tracing::warn!(message_id = %env.id, trace_id, topic, reason = e.kind.label(), error = %e.message, "An event was not published.");
+                tracing::warn!(message_id = %record.message_id(), trace_id, topic, reason = e.kind.label(), error = %e.message, "An event was not published.");
             }
         }
     }
