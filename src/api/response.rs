@@ -163,9 +163,18 @@ mod tests {
             .map(|id| Envelope::from_value(json!({"type": "t", "id": id})).unwrap())
             .collect();
         let acks = [
-            Ack { partition: 0, offset: 0 },
-            Ack { partition: 11, offset: 1234567890123 },
-            Ack { partition: 2, offset: -1 },
+            Ack {
+                partition: 0,
+                offset: 0,
+            },
+            Ack {
+                partition: 11,
+                offset: 1234567890123,
+            },
+            Ack {
+                partition: 2,
+                offset: -1,
+            },
         ];
         let topic = "t\"opic";
         let expected: Vec<Value> = envelopes
@@ -174,7 +183,13 @@ mod tests {
             .map(|(env, ack)| json!({"id": env.id, "topic": topic, "partition": ack.partition, "offset": ack.offset}))
             .collect();
         let expected = serde_json::to_vec(&json!({"results": expected})).unwrap();
-        let got = published_json(&crate::service::ingest::records_of(topic, &envelopes), acks.iter());
-        assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(expected).unwrap());
+        let got = published_json(
+            &crate::service::ingest::records_of(topic, &envelopes),
+            acks.iter(),
+        );
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
     }
 }

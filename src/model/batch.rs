@@ -131,7 +131,9 @@ impl RecordBatch {
 
     /// Every record, in order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = RecordRef<'_>> + '_ {
-        self.entries.iter().map(|entry| RecordRef { batch: self, entry })
+        self.entries
+            .iter()
+            .map(|entry| RecordRef { batch: self, entry })
     }
 
     /// Every record as an owned [`OutgoingRecord`], in order, with the same headers.
@@ -210,7 +212,9 @@ mod tests {
     #[test]
     fn records_keep_their_key_value_and_headers_in_order() {
         let mut b = RecordBatch::with_capacity("t", 2, 64);
-        b.push(Some(b"k1"), "id-1", None, |buf| buf.extend_from_slice(b"v1"));
+        b.push(Some(b"k1"), "id-1", None, |buf| {
+            buf.extend_from_slice(b"v1")
+        });
         b.push_header("content-type", b"ct");
         b.push(None, "id-2", Some(3), |buf| buf.extend_from_slice(b"{}"));
         b.set_common_headers(vec![("traceparent".into(), Some(b"tp".to_vec()))]);

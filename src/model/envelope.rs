@@ -91,12 +91,9 @@ impl Envelope {
     /// Adds the record that publishes this event to `batch`: the same key, value and headers
     /// as [`Envelope::to_record`], written into the batch's buffer.
     pub fn push_to(&self, batch: &mut RecordBatch) {
-        batch.push(
-            Some(self.key.as_bytes()),
-            &self.id,
-            self.partition,
-            |buf| self.write_json(buf),
-        );
+        batch.push(Some(self.key.as_bytes()), &self.id, self.partition, |buf| {
+            self.write_json(buf)
+        });
         if self.cloudevent {
             batch.push_header(HEADER_CONTENT_TYPE, CLOUDEVENTS_CONTENT_TYPE.as_bytes());
         }

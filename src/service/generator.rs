@@ -254,7 +254,9 @@ pub async fn run(
         }
         budget += per_tick;
         while budget >= 1.0 {
-            let left = cfg.count.map_or(u64::MAX, |c| c.saturating_sub(events.made));
+            let left = cfg
+                .count
+                .map_or(u64::MAX, |c| c.saturating_sub(events.made));
             if left == 0 {
                 break 'outer;
             }
@@ -398,8 +400,8 @@ impl Sink {
 mod tests {
     use super::*;
     use crate::model::{Ack, Envelope};
-    use serde_json::json;
     use crate::service::publish::MockPublisher;
+    use serde_json::json;
 
     #[test]
     fn types_are_validated() {

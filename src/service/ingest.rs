@@ -61,7 +61,11 @@ impl Ledger {
 
     /// Total published.
     pub fn total_published(&self) -> u64 {
-        self.published.lock().values().flat_map(|p| p.values()).sum()
+        self.published
+            .lock()
+            .values()
+            .flat_map(|p| p.values())
+            .sum()
     }
 
     /// Logs the summary, one line per topic and partition and per failure reason.
@@ -178,7 +182,10 @@ pub fn validate_batch(value: Value, max_events: usize) -> Result<Vec<Envelope>, 
 
 /// The records that publish `envelopes` to `topic`, in order.
 pub fn records_of(topic: &str, envelopes: &[Envelope]) -> RecordBatch {
-    let bytes: usize = envelopes.iter().map(|e| 128 + e.key.len() + e.id.len()).sum();
+    let bytes: usize = envelopes
+        .iter()
+        .map(|e| 128 + e.key.len() + e.id.len())
+        .sum();
     let mut batch = RecordBatch::with_capacity(topic, envelopes.len(), bytes);
     for env in envelopes {
         env.push_to(&mut batch);

@@ -223,7 +223,9 @@ impl Publisher for KafkaPublisher {
             }
             None => Completion(&pending).await,
         }
-        (0..pending.slots.len()).map(|i| pending.outcome(i)).collect()
+        (0..pending.slots.len())
+            .map(|i| pending.outcome(i))
+            .collect()
     }
 }
 
@@ -234,7 +236,8 @@ fn native_headers<'a>(
     headers: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
 ) -> OwnedHeaders {
     let owned = OwnedHeaders::new_with_capacity(count);
-    let native = owned.as_borrowed() as *const BorrowedHeaders as *mut rdkafka::types::RDKafkaHeaders;
+    let native =
+        owned.as_borrowed() as *const BorrowedHeaders as *mut rdkafka::types::RDKafkaHeaders;
     for (name, value) in headers {
         let (value_ptr, value_len) = match value {
             Some(v) => (v.as_ptr().cast::<std::ffi::c_void>(), v.len() as isize),
@@ -459,14 +462,27 @@ mod tests {
             offset: 7,
         }));
         assert!(!p.is_complete());
-        assert_eq!(p.outcome(0), Some(Ok(Ack { partition: 1, offset: 7 })));
+        assert_eq!(
+            p.outcome(0),
+            Some(Ok(Ack {
+                partition: 1,
+                offset: 7
+            }))
+        );
         assert_eq!(p.outcome(1), None, "open: no outcome yet");
         // A ticket librdkafka let go of without a report (through the opaque round trip).
         // SAFETY: the pointer was made by `into_ptr` just before, and used once.
         drop(unsafe { Ticket::from_ptr(b.into_ptr()) });
         assert!(p.is_complete());
-        assert_eq!(p.outcome(1).unwrap().unwrap_err().kind, PublishFailure::Fatal);
-        assert_eq!(Arc::strong_count(&p), 1, "the tickets released their counts");
+        assert_eq!(
+            p.outcome(1).unwrap().unwrap_err().kind,
+            PublishFailure::Fatal
+        );
+        assert_eq!(
+            Arc::strong_count(&p),
+            1,
+            "the tickets released their counts"
+        );
     }
 
     #[tokio::test]
@@ -475,15 +491,27 @@ mod tests {
         let t = Ticket::new(&p, 0);
         let waiter = {
             let p = p.clone();
-            tokio::spawn(async move { Completion(&p).await })
+            tokio::spawn(async move {
+                Completion(&p).await;
+                p.is_complete()
+            })
         };
         tokio::task::yield_now().await;
-        std::thread::spawn(move || t.complete(Ok(Ack { partition: 0, offset: 0 })))
-            .join()
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), waiter)
+        std::thread::spawn(move || {
+            t.complete(Ok(Ack {
+                partition: 0,
+                offset: 0,
+            }))
+        })
+        .join()
+        .unwrap();
+        let complete = tokio::time::timeout(Duration::from_secs(10), waiter)
             .await
             .expect("woken")
             .unwrap();
+        assert!(
+            complete,
+            "resolved only once the last record has its outcome"
+        );
     }
 }

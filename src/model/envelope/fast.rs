@@ -377,7 +377,9 @@ mod tests {
             r#"{"type":"t","id":"i","data":{"x":0.1,"y":-0.0,"z":1.7976931348623157e308,"w":5e-324}}"#,
         ];
         for body in bodies {
-            let fast = events_to_batch(body.as_bytes(), "t", 10).expect(body).to_records();
+            let fast = events_to_batch(body.as_bytes(), "t", 10)
+                .expect(body)
+                .to_records();
             assert_eq!(Some(fast), value_path(body, 10), "{body}");
         }
     }
