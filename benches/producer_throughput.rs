@@ -62,6 +62,16 @@ fn wanted(name: &str) -> bool {
         .map_or(true, |only| only.split(',').any(|s| s.trim() == name))
 }
 
+/// How long a new producer gets before a scenario starts its clock: librdkafka's idempotent
+/// producer holds the records sent in its first milliseconds until its producer-id timer
+/// fires (500 ms), which would land on whichever scenario sends first.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// Waits [`SETTLE`] (blocking: on the sending thread or in a scenario before it is timed).
+fn settle() {
+    std::thread::sleep(SETTLE);
+}
+
 /// The `data` padding that makes a published envelope [`common::PAYLOAD_BYTES`] long once
 /// the producer adds its 36-character UUIDv7 `id`.
 fn envelope_padding(key: &str) -> String {
@@ -139,8 +149,10 @@ impl ProducerContext for Counting {
     }
 }
 
-/// The strict baseline: `BaseProducer::send` on one thread, which also polls the delivery
-/// reports whenever [`WINDOW`] records are unacknowledged (or the queue is full).
+/// The strict baseline: `BaseProducer::send` on one thread, the delivery reports run by the
+/// polling thread of rdkafka's `ThreadedProducer` (a `BaseProducer` polled on its own
+/// thread); the sender waits whenever [`WINDOW`] records are unacknowledged (or the queue is
+/// full).
 fn raw_base_producer(config: &courier::config::Config, topic: &str, n: u64) -> anyhow::Result<Row> {
     let load = common::load_avg();
     let producer: ThreadedProducer<Counting> = client_config(config, ClientRole::Producer)
@@ -149,6 +161,7 @@ fn raw_base_producer(config: &courier::config::Config, topic: &str, n: u64) -> a
     let payloads: Vec<Vec<u8>> = (0..1024)
         .map(|i| common::payload(&format!("p{i}")))
         .collect();
+    settle();
     let usage = Usage::start();
     let started = Instant::now();
     let mut key = String::new();
@@ -216,6 +229,7 @@ async fn raw_future_producer(
     let payloads: Vec<Vec<u8>> = (0..1024)
         .map(|i| common::payload(&format!("p{i}")))
         .collect();
+    settle();
     let usage = Usage::start();
     let started = Instant::now();
     let mut window = FuturesUnordered::new();
@@ -270,6 +284,7 @@ async fn courier_publish_batches(
     let publisher: Arc<dyn Publisher> = Arc::new(KafkaPublisher::new(config, Metrics::new())?);
     let bodies = bodies(PER_CALL, 64);
     let deadline = Duration::from_secs(30);
+    settle();
     let usage = Usage::start();
     let started = Instant::now();
     let mut window = FuturesUnordered::new();
@@ -327,6 +342,7 @@ async fn courier_publish_single(
     let load = common::load_avg();
     let publisher = KafkaPublisher::new(config, Metrics::new())?;
     let pad = envelope_padding("k00000000");
+    settle();
     let usage = Usage::start();
     let started = Instant::now();
     let mut window = FuturesUnordered::new();
