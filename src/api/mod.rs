@@ -24,9 +24,9 @@ use axum::routing::post;
 use axum::Router;
 
 use crate::config::Config;
-use crate::model::Envelope;
+use crate::model::{events_to_batch, RecordBatch};
 use crate::observability::{Metrics, Readiness};
-use crate::service::ingest::{publish_batch, validate_batch, Ledger};
+use crate::service::ingest::{publish_records, records_of, validate_batch, Ledger};
 use crate::service::Publisher;
 use response::{batch_answer, error, ApiError};
 
@@ -104,8 +104,7 @@ pub fn router(
 }
 
 async fn post_default(State(s): State<IngestState>, headers: HeaderMap, body: Body) -> Response {
-    let topic = s.cfg.default_topic.clone();
-    let resp = ingest(&s, &topic, &headers, body).await;
+    let resp = ingest(&s, &s.cfg.default_topic, &headers, body).await;
     s.metrics
         .http_requests
         .with_label_values(&["/v1/events", resp.status().as_str()])
@@ -137,33 +136,42 @@ async fn post_topic(
 }
 
 async fn ingest(s: &IngestState, topic: &str, headers: &HeaderMap, body: Body) -> Response {
-    let envelopes = match accept(s, headers, body).await {
-        Ok(e) => e,
+    let mut batch = match accept(s, topic, headers, body).await {
+        Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     let deadline = s.cfg.request_timeout;
     let trace = request::trace_context(headers);
-    let results = publish_batch(&s.publisher, topic, &envelopes, &trace, deadline, &s.ledger).await;
-    batch_answer(topic, &envelopes, &results)
+    let results = publish_records(&s.publisher, &mut batch, &trace, deadline, &s.ledger).await;
+    batch_answer(&batch, &results)
 }
 
 /// Everything before publishing: the content type, the body within its size and deadline,
-/// valid events, and a reachable broker.
+/// valid events (as the records that publish them to `topic`), and a reachable broker.
 async fn accept(
     s: &IngestState,
+    topic: &str,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Vec<Envelope>, ApiError> {
+) -> Result<RecordBatch, ApiError> {
     request::require_json(headers)?;
     let bytes =
         request::read_body(headers, body, s.cfg.max_body_bytes, s.cfg.request_timeout).await?;
-    let value = request::parse_json(&bytes)?;
-    let envelopes = validate_batch(value, s.cfg.max_batch_events)?;
+    let max = s.cfg.max_batch_events;
+    // One pass over the body when every event is valid; otherwise the value path, which
+    // says precisely what is wrong.
+    let batch = match events_to_batch(&bytes, topic, max) {
+        Some(batch) => batch,
+        None => {
+            let value = request::parse_json(&bytes)?;
+            records_of(topic, &validate_batch(value, max)?)
+        }
+    };
     if let Err(reason) = s.readiness.check() {
         return Err(response::unavailable(
             &format!("the broker is unavailable: {reason}"),
             None,
         ));
     }
-    Ok(envelopes)
+    Ok(batch)
 }

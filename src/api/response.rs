@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::model::{Ack, Envelope};
+use crate::model::{Ack, RecordBatch};
 use crate::service::ingest::{BatchError, BatchOutcome};
 use crate::service::PublishError;
 
@@ -72,23 +72,24 @@ impl From<BatchError> for ApiError {
 
 /// The answer to a published batch: 200 with every event's partition and offset, or the
 /// status of its [`BatchOutcome`] with one result per event (published or why not).
-pub(super) fn batch_answer(
-    topic: &str,
-    envelopes: &[Envelope],
-    results: &[Result<Ack, PublishError>],
-) -> Response {
-    let out: Vec<Value> = envelopes
-        .iter()
-        .zip(results)
-        .map(|(env, res)| match res {
-            Ok(ack) => json!({"id": env.id, "topic": topic, "partition": ack.partition, "offset": ack.offset}),
-            Err(e) => json!({"id": env.id, "topic": topic, "error": e.message, "reason": e.kind.label()}),
-        })
-        .collect();
+pub(super) fn batch_answer(batch: &RecordBatch, results: &[Result<Ack, PublishError>]) -> Response {
     let outcome = BatchOutcome::of(results);
     if outcome == BatchOutcome::Published {
-        return (StatusCode::OK, Json(json!({"results": out}))).into_response();
+        let acks = results.iter().filter_map(|r| r.as_ref().ok());
+        return ([(header::CONTENT_TYPE, JSON)], published_json(batch, acks)).into_response();
     }
+    let topic = batch.topic();
+    let out: Vec<Value> = batch
+        .iter()
+        .zip(results)
+        .map(|(record, res)| {
+            let id = record.message_id();
+            match res {
+                Ok(ack) => json!({"id": id, "topic": topic, "partition": ack.partition, "offset": ack.offset}),
+                Err(e) => json!({"id": id, "topic": topic, "error": e.message, "reason": e.kind.label()}),
+            }
+        })
+        .collect();
     let total = out.len();
     let details = Some(Value::Array(out));
     match outcome {
@@ -110,5 +111,85 @@ pub(super) fn batch_answer(
             details,
         )
         .into_response(),
+    }
+}
+
+/// The content type of every answer.
+const JSON: header::HeaderValue = header::HeaderValue::from_static("application/json");
+
+/// `{"results":[{"id":…,"topic":…,"partition":…,"offset":…},…]}` for a batch whose every event
+/// was acknowledged: the bytes `serde_json` writes for the same `json!` value, built in one
+/// buffer (the topic escaped once).
+fn published_json<'a>(batch: &RecordBatch, acks: impl Iterator<Item = &'a Ack>) -> Vec<u8> {
+    use std::io::Write;
+    let mut quoted_topic = Vec::with_capacity(batch.topic().len() + 2);
+    write_json_str(&mut quoted_topic, batch.topic());
+    let mut out = Vec::with_capacity(16 + batch.len() * (80 + quoted_topic.len()));
+    out.extend_from_slice(b"{\"results\":[");
+    for (i, (record, ack)) in batch.iter().zip(acks).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"id\":");
+        write_json_str(&mut out, record.message_id());
+        out.extend_from_slice(b",\"topic\":");
+        out.extend_from_slice(&quoted_topic);
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            out,
+            ",\"partition\":{},\"offset\":{}}}",
+            ack.partition, ack.offset
+        );
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// Appends `s` as a JSON string.
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Serializing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Envelope;
+
+    #[test]
+    fn the_published_answer_is_what_serde_json_writes() {
+        let envelopes: Vec<Envelope> = ["a", "quote\"d\u{e9}\n", "c"]
+            .iter()
+            .map(|id| Envelope::from_value(json!({"type": "t", "id": id})).unwrap())
+            .collect();
+        let acks = [
+            Ack {
+                partition: 0,
+                offset: 0,
+            },
+            Ack {
+                partition: 11,
+                offset: 1234567890123,
+            },
+            Ack {
+                partition: 2,
+                offset: -1,
+            },
+        ];
+        let topic = "t\"opic";
+        let expected: Vec<Value> = envelopes
+            .iter()
+            .zip(&acks)
+            .map(|(env, ack)| json!({"id": env.id, "topic": topic, "partition": ack.partition, "offset": ack.offset}))
+            .collect();
+        let expected = serde_json::to_vec(&json!({"results": expected})).unwrap();
+        let got = published_json(
+            &crate::service::ingest::records_of(topic, &envelopes),
+            acks.iter(),
+        );
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -170,35 +171,17 @@ pub async fn start(
     {
         spawn_progress(stats.clone(), shutdown.clone());
     }
-    let scheme = if security.tls.is_some() {
-        "https"
-    } else {
-        "http"
+    security.log_running(&config, http_addr, ops_addr);
+    let stopping = Stopping {
+        http: http_task,
+        generator: gen_task,
+        ops: ops_task,
+        publisher,
+        flush_timeout: config.producer.flush_timeout,
+        ledger: ledger.clone(),
+        health,
     };
-    let client_certs = config.http.tls_client_ca_file.is_some();
-    let bearer_tokens = security.tokens.is_some();
-    tracing::info!(http = %http_addr, scheme, client_certs, bearer_tokens, ops = %ops_addr, topic = %config.producer.topic, brokers = %config.kafka.brokers, "The producer is running.");
-    let flush_timeout = config.producer.flush_timeout;
-    let done_ledger = ledger.clone();
-    let done = tokio::spawn(async move {
-        shutdown.cancelled().await;
-        tracing::info!("Stopping: no new requests; waiting for in-flight requests and flushing.");
-        let _ = http_task.await;
-        if let Some(g) = gen_task {
-            let _ = g.await;
-        }
-        let unflushed = publisher.flush(flush_timeout).await;
-        if unflushed > 0 {
-            tracing::error!(
-                unflushed,
-                "Messages were still unacknowledged at the flush deadline."
-            );
-        }
-        done_ledger.log_summary();
-        health.stop();
-        let _ = ops_task.await;
-        unflushed
-    });
+    let done = tokio::spawn(stopping.after(shutdown));
     Ok(RunningProducer {
         http_addr,
         ops_addr,
@@ -239,6 +222,14 @@ impl IngestSecurity {
         }
     }
 
+    /// Logs that the producer is running, and how it can be reached.
+    fn log_running(&self, config: &Config, http_addr: SocketAddr, ops_addr: SocketAddr) {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_certs = config.http.tls_client_ca_file.is_some();
+        let bearer_tokens = self.tokens.is_some();
+        tracing::info!(http = %http_addr, scheme, client_certs, bearer_tokens, ops = %ops_addr, topic = %config.producer.topic, brokers = %config.kafka.brokers, "The producer is running.");
+    }
+
     /// Re-reads the files when they change and on SIGHUP, until `shutdown`.
     fn watch(&self, metrics: Metrics, shutdown: CancellationToken) {
         let mut watched: Vec<Arc<dyn Reload>> = Vec::new();
@@ -249,6 +240,42 @@ impl IngestSecurity {
             watched.push(t.clone());
         }
         spawn_reloader(watched, metrics, shutdown);
+    }
+}
+
+/// What a running producer stops, flushes and reports once it is told to shut down.
+struct Stopping {
+    http: JoinHandle<()>,
+    generator: Option<JoinHandle<()>>,
+    ops: JoinHandle<()>,
+    publisher: Arc<dyn Publisher>,
+    flush_timeout: Duration,
+    ledger: Arc<Ledger>,
+    health: HealthChecker,
+}
+
+impl Stopping {
+    /// Once `shutdown` is cancelled: lets in-flight requests and the generator finish,
+    /// flushes within the deadline, logs the summary and stops the health checker and the
+    /// ops server. Returns the messages still unflushed.
+    async fn after(self, shutdown: CancellationToken) -> usize {
+        shutdown.cancelled().await;
+        tracing::info!("Stopping: no new requests; waiting for in-flight requests and flushing.");
+        let _ = self.http.await;
+        if let Some(g) = self.generator {
+            let _ = g.await;
+        }
+        let unflushed = self.publisher.flush(self.flush_timeout).await;
+        if unflushed > 0 {
+            tracing::error!(
+                unflushed,
+                "Messages were still unacknowledged at the flush deadline."
+            );
+        }
+        self.ledger.log_summary();
+        self.health.stop();
+        let _ = self.ops.await;
+        unflushed
     }
 }
 
@@ -308,7 +335,7 @@ fn spawn_progress(stats: Arc<GeneratorStats>, shutdown: CancellationToken) {
     use std::sync::atomic::Ordering::Relaxed;
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

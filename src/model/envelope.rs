@@ -9,7 +9,12 @@
 
 use serde_json::{Map, Value};
 
-use super::{OutgoingRecord, CLOUDEVENTS_CONTENT_TYPE, HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID};
+mod fast;
+pub use fast::events_to_batch;
+
+use super::{
+    OutgoingRecord, RecordBatch, CLOUDEVENTS_CONTENT_TYPE, HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID,
+};
 
 /// Why an ingest envelope was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,72 +67,45 @@ impl Envelope {
         let Value::Object(mut body) = value else {
             return Err(EnvelopeError::NotAnObject);
         };
-        if body.contains_key("specversion") {
-            return Envelope::from_cloudevent(body);
-        }
-        let event_type = short_string(&body, "type", false)?.ok_or(EnvelopeError::MissingType)?;
-        let id = match short_string(&body, "id", false)? {
+        let checked = check(&body)?;
+        let id = match checked.id {
             Some(id) => id,
             None => {
-                let id = uuid::Uuid::now_v7().to_string();
+                let id = new_id();
                 body.insert("id".into(), Value::String(id.clone()));
                 id
             }
         };
         // An empty key is a key: it is kept, not replaced by the id.
-        let key = short_string(&body, "key", true)?.unwrap_or_else(|| id.clone());
-        if body
-            .get("source")
-            .is_some_and(|v| !v.is_string() && !v.is_null())
-        {
-            return Err(invalid("source", "must be a string"));
-        }
-        for field in ["time", "timestamp"] {
-            check_time(&body, field)?;
-        }
-        let partition = partition(&body)?;
+        let key = checked.key.unwrap_or_else(|| id.clone());
         Ok(Envelope {
             id,
-            event_type,
+            event_type: checked.event_type,
             key,
-            partition,
+            partition: checked.partition,
             body,
-            cloudevent: false,
+            cloudevent: checked.cloudevent,
         })
     }
 
-    /// Validates a structured-mode CloudEvent (see the module documentation).
-    fn from_cloudevent(body: Map<String, Value>) -> Result<Self, EnvelopeError> {
-        if body.get("specversion") != Some(&Value::String("1.0".into())) {
-            return Err(invalid("specversion", "must be \"1.0\""));
+    /// Adds the record that publishes this event to `batch`: the same key, value and headers
+    /// as [`Envelope::to_record`], written into the batch's buffer.
+    pub fn push_to(&self, batch: &mut RecordBatch) {
+        batch.push(Some(self.key.as_bytes()), &self.id, self.partition, |buf| {
+            self.write_json(buf)
+        });
+        if self.cloudevent {
+            batch.push_header(HEADER_CONTENT_TYPE, CLOUDEVENTS_CONTENT_TYPE.as_bytes());
         }
-        let required = |name: &'static str| -> Result<String, EnvelopeError> {
-            short_string(&body, name, false)?.ok_or(EnvelopeError::MissingAttribute(name))
-        };
-        let id = required("id")?;
-        let event_type = required("type")?;
-        if body.get("source").is_none_or(Value::is_null) {
-            return Err(EnvelopeError::MissingAttribute("source"));
+    }
+
+    /// Appends the published value, the envelope as JSON, to `buf`.
+    pub fn write_json(&self, buf: &mut Vec<u8>) {
+        let start = buf.len();
+        // Serializing a Map of Values into a Vec cannot fail; were it to, nothing is kept.
+        if serde_json::to_writer(&mut *buf, &self.body).is_err() {
+            buf.truncate(start);
         }
-        match body.get("source") {
-            Some(Value::String(s)) if !s.is_empty() => {}
-            Some(Value::String(_)) => return Err(invalid("source", "is empty")),
-            _ => return Err(invalid("source", "must be a string")),
-        }
-        check_time(&body, "time")?;
-        let key = match short_string(&body, "partitionkey", true)? {
-            Some(k) => k,
-            None => short_string(&body, "key", true)?.unwrap_or_else(|| id.clone()),
-        };
-        let partition = partition(&body)?;
-        Ok(Envelope {
-            id,
-            event_type,
-            key,
-            partition,
-            body,
-            cloudevent: true,
-        })
     }
 
     /// The record that publishes this event to `topic`.
@@ -153,10 +131,105 @@ impl Envelope {
     }
 }
 
+/// A new event id: a UUIDv7, lower-case and hyphenated.
+fn new_id() -> String {
+    let mut text = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut text)
+        .to_owned()
+}
+
+/// Where validation reads an envelope's top-level fields: its JSON object, or the fields
+/// the one-pass parser ([`fast`]) kept. Both paths validate with the same code.
+pub(super) trait Fields {
+    /// The value of top-level field `name`, if present (a JSON `null` is present).
+    fn get(&self, name: &str) -> Option<&Value>;
+}
+
+impl Fields for Map<String, Value> {
+    fn get(&self, name: &str) -> Option<&Value> {
+        Map::get(self, name)
+    }
+}
+
+/// What validating an envelope found.
+pub(super) struct Checked {
+    event_type: String,
+    /// The given id; `None` when absent or null (one is generated). Always set for a
+    /// CloudEvent.
+    id: Option<String>,
+    /// The given key (`partitionkey` first for a CloudEvent); `None`: the id is the key.
+    key: Option<String>,
+    partition: Option<i32>,
+    cloudevent: bool,
+}
+
+/// Validates an envelope's fields: a structured-mode CloudEvent when it has `specversion`,
+/// else a plain envelope (see the module documentation).
+fn check(body: &impl Fields) -> Result<Checked, EnvelopeError> {
+    if body.get("specversion").is_some() {
+        return check_cloudevent(body);
+    }
+    let event_type = short_string(body, "type", false)?.ok_or(EnvelopeError::MissingType)?;
+    let id = short_string(body, "id", false)?;
+    let key = short_string(body, "key", true)?;
+    if body
+        .get("source")
+        .is_some_and(|v| !v.is_string() && !v.is_null())
+    {
+        return Err(invalid("source", "must be a string"));
+    }
+    for field in ["time", "timestamp"] {
+        check_time(body, field)?;
+    }
+    let partition = partition(body)?;
+    Ok(Checked {
+        event_type,
+        id,
+        key,
+        partition,
+        cloudevent: false,
+    })
+}
+
+/// Validates a structured-mode CloudEvent (see the module documentation).
+fn check_cloudevent(body: &impl Fields) -> Result<Checked, EnvelopeError> {
+    if body.get("specversion") != Some(&Value::String("1.0".into())) {
+        return Err(invalid("specversion", "must be \"1.0\""));
+    }
+    let required = |name: &'static str| -> Result<String, EnvelopeError> {
+        short_string(body, name, false)?.ok_or(EnvelopeError::MissingAttribute(name))
+    };
+    let id = required("id")?;
+    let event_type = required("type")?;
+    if body.get("source").is_none_or(Value::is_null) {
+        return Err(EnvelopeError::MissingAttribute("source"));
+    }
+    match body.get("source") {
+        Some(Value::String(s)) if !s.is_empty() => {}
+        Some(Value::String(_)) => return Err(invalid("source", "is empty")),
+        _ => return Err(invalid("source", "must be a string")),
+    }
+    check_time(body, "time")?;
+    let key = match short_string(body, "partitionkey", true)? {
+        Some(k) => Some(k),
+        None => short_string(body, "key", true)?,
+    };
+    let partition = partition(body)?;
+    Ok(Checked {
+        event_type,
+        id: Some(id),
+        key,
+        partition,
+        cloudevent: true,
+    })
+}
+
 /// The string `field` of an envelope, at most [`MAX_ENVELOPE_FIELD_BYTES`] long (and not
 /// empty unless `empty_ok`); `None` when absent or null.
 fn short_string(
-    body: &Map<String, Value>,
+    body: &impl Fields,
     field: &'static str,
     empty_ok: bool,
 ) -> Result<Option<String>, EnvelopeError> {
@@ -172,7 +245,7 @@ fn short_string(
 }
 
 /// `field` (`time` or `timestamp`), when present, is an RFC 3339 date-time string.
-fn check_time(body: &Map<String, Value>, field: &'static str) -> Result<(), EnvelopeError> {
+fn check_time(body: &impl Fields, field: &'static str) -> Result<(), EnvelopeError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(s)) => {
@@ -185,7 +258,7 @@ fn check_time(body: &Map<String, Value>, field: &'static str) -> Result<(), Enve
 }
 
 /// The explicit `partition` of an envelope, a non-negative `i32`, if it names one.
-fn partition(body: &Map<String, Value>) -> Result<Option<i32>, EnvelopeError> {
+fn partition(body: &impl Fields) -> Result<Option<i32>, EnvelopeError> {
     let refused = || invalid("partition", "must be a non-negative integer");
     match body.get("partition") {
         None | Some(Value::Null) => Ok(None),

@@ -3,11 +3,13 @@
 
 use std::fmt;
 
+mod batch;
 mod envelope;
 mod inline;
 pub mod trace;
 
-pub use envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_FIELD_BYTES};
+pub use batch::{RecordBatch, RecordRef};
+pub use envelope::{events_to_batch, Envelope, EnvelopeError, MAX_ENVELOPE_FIELD_BYTES};
 pub use inline::InlineBytes;
 pub use trace::{TraceContext, TraceParent, HEADER_TRACEPARENT, HEADER_TRACESTATE};
 

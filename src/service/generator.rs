@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, RngExt};
-use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::Envelope;
+use crate::model::RecordBatch;
 use crate::service::ingest::Ledger;
 use crate::service::publish::Publisher;
 
@@ -94,26 +93,136 @@ fn pick(options: &[&'static str], rng: &mut impl Rng) -> &'static str {
     options[rng.random_range(0..options.len())]
 }
 
-/// One seed-style event of type `kind`, number `n`.
-pub fn make_event(kind: &str, n: u64, rng: &mut impl Rng) -> serde_json::Value {
-    let order = format!("ord-{:06}", n / 3);
-    let customer = format!("cust-{:04}", rng.random_range(0..1000));
-    let data = match kind {
-        "order_created" => {
-            json!({"order_id": order, "customer_id": customer, "amount": (rng.random_range(100..100_000) as f64) / 100.0, "currency": "EUR", "items": rng.random_range(1..6)})
-        }
-        "payment_received" => {
-            json!({"payment_id": format!("pay-{n:06}"), "order_id": order, "amount": (rng.random_range(100..100_000) as f64) / 100.0, "method": pick(&["card", "transfer", "wallet"], rng)})
-        }
-        _ => {
-            json!({"notification_id": format!("ntf-{n:06}"), "customer_id": customer, "channel": pick(&["email", "sms", "push"], rng), "template": "order_update"})
-        }
-    };
-    let time = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    json!({"type": kind, "source": "courier-generator", "time": time, "key": order, "data": data})
+/// The random parts of one generated event, drawn in a fixed order, so that its JSON value
+/// ([`Draw::to_value`]) and its published bytes ([`Draw::write_json`]) describe one event.
+#[derive(Debug, Clone, PartialEq)]
+struct Draw<'a> {
+    kind: &'a str,
+    n: u64,
+    customer: u32,
+    /// Drawn for `order_created` and `payment_received`.
+    amount: f64,
+    /// `items` of `order_created`.
+    items: i32,
+    /// `method` of `payment_received` or `channel` of `notification_sent`.
+    choice: &'static str,
 }
+
+impl<'a> Draw<'a> {
+    fn new(kind: &'a str, n: u64, rng: &mut impl Rng) -> Draw<'a> {
+        let customer = rng.random_range(0..1000);
+        let (mut amount, mut items, mut choice) = (0.0, 0, "");
+        match kind {
+            "order_created" => {
+                amount = f64::from(rng.random_range(100..100_000)) / 100.0;
+                items = rng.random_range(1..6);
+            }
+            "payment_received" => {
+                amount = f64::from(rng.random_range(100..100_000)) / 100.0;
+                choice = pick(&["card", "transfer", "wallet"], rng);
+            }
+            _ => choice = pick(&["email", "sms", "push"], rng),
+        }
+        Draw {
+            kind,
+            n,
+            customer,
+            amount,
+            items,
+            choice,
+        }
+    }
+
+    /// The event as a JSON value, `time` as given (an RFC 3339 date-time): what
+    /// [`Draw::write_json`] writes, as a value (for the tests that check it).
+    #[cfg(test)]
+    fn to_value(&self, time: &str) -> serde_json::Value {
+        use serde_json::json;
+        let (n, order) = (self.n, format!("ord-{:06}", self.n / 3));
+        let customer = format!("cust-{:04}", self.customer);
+        let data = match self.kind {
+            "order_created" => {
+                json!({"order_id": order, "customer_id": customer, "amount": self.amount, "currency": "EUR", "items": self.items})
+            }
+            "payment_received" => {
+                json!({"payment_id": format!("pay-{n:06}"), "order_id": order, "amount": self.amount, "method": self.choice})
+            }
+            _ => {
+                json!({"notification_id": format!("ntf-{n:06}"), "customer_id": customer, "channel": self.choice, "template": "order_update"})
+            }
+        };
+        json!({"type": self.kind, "source": "courier-generator", "time": time, "key": order, "data": data})
+    }
+
+    /// Writes the event's key (`key`, the order id) into `out`, replacing what it held.
+    fn write_key(&self, out: &mut String) {
+        use std::fmt::Write;
+        out.clear();
+        let _ = write!(out, "ord-{:06}", self.n / 3);
+    }
+
+    /// Appends the published value of this event with `id` to `out`: the bytes `serde_json`
+    /// writes for the envelope of [`Draw::to_value`] with the `id` filled in (checked by a
+    /// test), without building the value.
+    fn write_json(&self, out: &mut Vec<u8>, time: &str, id: &str) {
+        use std::io::Write;
+        let n = self.n;
+        let order = n / 3;
+        // Writing into a Vec cannot fail, and every string written here is plain ASCII
+        // except `kind`, `time` and `id`, which are written as JSON strings.
+        out.extend_from_slice(b"{\"type\":");
+        let _ = serde_json::to_writer(&mut *out, &self.kind);
+        out.extend_from_slice(b",\"source\":\"courier-generator\",\"time\":");
+        let _ = serde_json::to_writer(&mut *out, time);
+        let _ = write!(out, ",\"key\":\"ord-{order:06}\",\"data\":{{");
+        match self.kind {
+            "order_created" => {
+                let _ = write!(
+                    out,
+                    "\"order_id\":\"ord-{order:06}\",\"customer_id\":\"cust-{:04}\",\"amount\":",
+                    self.customer
+                );
+                let _ = serde_json::to_writer(&mut *out, &self.amount);
+                let _ = write!(out, ",\"currency\":\"EUR\",\"items\":{}", self.items);
+            }
+            "payment_received" => {
+                let _ = write!(
+                    out,
+                    "\"payment_id\":\"pay-{n:06}\",\"order_id\":\"ord-{order:06}\",\"amount\":"
+                );
+                let _ = serde_json::to_writer(&mut *out, &self.amount);
+                let _ = write!(out, ",\"method\":\"{}\"", self.choice);
+            }
+            _ => {
+                let _ = write!(
+                    out,
+                    "\"notification_id\":\"ntf-{n:06}\",\"customer_id\":\"cust-{:04}\",\"channel\":\"{}\",\"template\":\"order_update\"",
+                    self.customer, self.choice
+                );
+            }
+        }
+        out.extend_from_slice(b"},\"id\":");
+        let _ = serde_json::to_writer(&mut *out, id);
+        out.push(b'}');
+    }
+}
+
+/// The current time as RFC 3339, the `time` of generated events.
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// One seed-style event of type `kind`, number `n`, as a JSON value.
+#[cfg(test)]
+pub fn make_event(kind: &str, n: u64, rng: &mut impl Rng) -> serde_json::Value {
+    Draw::new(kind, n, rng).to_value(&now_rfc3339())
+}
+
+/// Most events published in one batch: the generator publishes whatever its rate allows in
+/// a tick (10 ms) in batches of at most this many (and of at most `max_pending`).
+const MAX_CHUNK: usize = 1000;
 
 /// Runs the generator until `count` events are acknowledged or failed, or `shutdown`.
 /// Waits for every publish it started before returning.
@@ -136,8 +245,8 @@ pub async fn run(
         publisher,
         ledger,
         stats,
-        topic: cfg.topic.clone(),
     };
+    let max_chunk = MAX_CHUNK.min(max_pending);
     'outer: loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -145,17 +254,20 @@ pub async fn run(
         }
         budget += per_tick;
         while budget >= 1.0 {
-            if cfg.count.is_some_and(|c| events.made >= c) {
+            let left = cfg
+                .count
+                .map_or(u64::MAX, |c| c.saturating_sub(events.made));
+            if left == 0 {
                 break 'outer;
             }
-            budget -= 1.0;
-            let permit = tokio::select! {
+            // Whole events only: the fraction carries over to the next tick.
+            let chunk = (budget as u64).min(left).min(max_chunk as u64) as usize;
+            budget -= chunk as f64;
+            let permits = tokio::select! {
                 _ = shutdown.cancelled() => break 'outer,
-                p = pending.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                p = pending.clone().acquire_many_owned(chunk as u32) => p.expect("the semaphore is never closed"),
             };
-            if let Some((env, duplicate)) = events.next() {
-                sink.spawn_publish(env, duplicate, permit);
-            }
+            sink.spawn_publish(events.next_batch(chunk), permits);
         }
     }
     // Wait for every started publish to finish.
@@ -168,11 +280,19 @@ const RECENT_IDS: usize = 1024;
 /// The generated events in order: the types in turn, a share of them re-using the id of a
 /// recent event.
 struct Events {
+    topic: String,
     types: Vec<String>,
     duplicate_share: f64,
     /// Events made so far (counted by `--count`).
     made: u64,
-    recent_ids: Vec<String>,
+    recent_ids: Vec<uuid::Uuid>,
+}
+
+/// Generated events on their way to the broker: the records, and each one's id and whether
+/// it re-uses an earlier id.
+struct Chunk {
+    batch: RecordBatch,
+    ids: Vec<(uuid::Uuid, bool)>,
 }
 
 impl Events {
@@ -183,6 +303,7 @@ impl Events {
             cfg.types.clone()
         };
         Events {
+            topic: cfg.topic.clone(),
             types,
             duplicate_share: cfg.duplicate_share.clamp(0.0, 1.0),
             made: 0,
@@ -190,29 +311,40 @@ impl Events {
         }
     }
 
-    /// The next event, and whether it re-uses an earlier id. Generated events are always
-    /// valid envelopes; one that is not would be skipped (`None`), still counted as made.
-    fn next(&mut self) -> Option<(Envelope, bool)> {
-        let n = self.made;
-        let (value, duplicate) = {
-            let mut rng = rand::rng();
-            let mut v = make_event(&self.types[(n as usize) % self.types.len()], n, &mut rng);
-            let dup = !self.recent_ids.is_empty() && rng.random_bool(self.duplicate_share);
-            if dup {
-                v["id"] = json!(self.recent_ids[rng.random_range(0..self.recent_ids.len())]);
-            }
-            (v, dup)
-        };
-        self.made += 1;
-        let env = Envelope::from_value(value).ok()?;
-        if !duplicate {
-            if self.recent_ids.len() < RECENT_IDS {
-                self.recent_ids.push(env.id.clone())
+    /// The next `len` events, written straight into one batch. They share one `time` (read
+    /// once per batch, which spans at most one tick).
+    fn next_batch(&mut self, len: usize) -> Chunk {
+        let time = now_rfc3339();
+        let mut rng = rand::rng();
+        let mut batch = RecordBatch::with_capacity(&self.topic, len, len * 320);
+        let mut ids = Vec::with_capacity(len);
+        let mut text = uuid::Uuid::encode_buffer();
+        let mut key = String::with_capacity(16);
+        for _ in 0..len {
+            let n = self.made;
+            let draw = Draw::new(&self.types[(n as usize) % self.types.len()], n, &mut rng);
+            let duplicate = !self.recent_ids.is_empty() && rng.random_bool(self.duplicate_share);
+            let id = if duplicate {
+                self.recent_ids[rng.random_range(0..self.recent_ids.len())]
             } else {
-                self.recent_ids[(self.made as usize) % RECENT_IDS] = env.id.clone()
+                uuid::Uuid::now_v7()
+            };
+            self.made += 1;
+            if !duplicate {
+                if self.recent_ids.len() < RECENT_IDS {
+                    self.recent_ids.push(id);
+                } else {
+                    self.recent_ids[(self.made as usize) % RECENT_IDS] = id;
+                }
             }
+            let id_text: &str = id.hyphenated().encode_lower(&mut text);
+            draw.write_key(&mut key);
+            batch.push(Some(key.as_bytes()), id_text, None, |buf| {
+                draw.write_json(buf, &time, id_text)
+            });
+            ids.push((id, duplicate));
         }
-        Some((env, duplicate))
+        Chunk { batch, ids }
     }
 }
 
@@ -221,36 +353,45 @@ struct Sink {
     publisher: Arc<dyn Publisher>,
     ledger: Arc<Ledger>,
     stats: Arc<GeneratorStats>,
-    topic: String,
 }
 
 impl Sink {
-    /// Publishes `env` on a task of its own, which holds `permit` until the broker answered.
-    fn spawn_publish(&self, env: Envelope, duplicate: bool, permit: OwnedSemaphorePermit) {
-        self.stats.sent.fetch_add(1, Ordering::Relaxed);
-        let (publisher, ledger, stats, topic) = (
+    /// Publishes `chunk` on a task of its own, which holds `permits` (one per event) until
+    /// the broker answered for every event.
+    fn spawn_publish(&self, chunk: Chunk, permits: OwnedSemaphorePermit) {
+        let n = chunk.ids.len() as u64;
+        self.stats.sent.fetch_add(n, Ordering::Relaxed);
+        let (publisher, ledger, stats) = (
             self.publisher.clone(),
             self.ledger.clone(),
             self.stats.clone(),
-            self.topic.clone(),
         );
         tokio::spawn(async move {
-            let res = publisher.publish(env.to_record(&topic)).await;
-            ledger.record(&topic, &res);
-            match &res {
-                Ok(_) if duplicate => {
-                    stats.acked.fetch_add(1, Ordering::Relaxed);
-                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {
-                    stats.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(message_id = %env.id, topic, error = %e, "A generated event was not published.");
+            let results: Vec<_> = publisher
+                .publish_all(&chunk.batch, None)
+                .await
+                .into_iter()
+                .map(|r| r.expect("without a deadline every record has an outcome"))
+                .collect();
+            let topic = chunk.batch.topic();
+            ledger.record_all(topic, &results);
+            let (mut acked, mut duplicates, mut failed) = (0, 0, 0);
+            for ((id, duplicate), res) in chunk.ids.iter().zip(&results) {
+                match res {
+                    Ok(_) => {
+                        acked += 1;
+                        duplicates += u64::from(*duplicate);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(message_id = %id, topic, error = %e, "A generated event was not published.");
+                    }
                 }
             }
-            drop(permit);
+            stats.acked.fetch_add(acked, Ordering::Relaxed);
+            stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+            stats.failed.fetch_add(failed, Ordering::Relaxed);
+            drop(permits);
         });
     }
 }
@@ -258,8 +399,9 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Ack;
+    use crate::model::{Ack, Envelope};
     use crate::service::publish::MockPublisher;
+    use serde_json::json;
 
     #[test]
     fn types_are_validated() {
@@ -282,6 +424,26 @@ mod tests {
         for (i, t) in EVENT_TYPES.iter().enumerate() {
             let env = Envelope::from_value(make_event(t, i as u64, &mut rng)).unwrap();
             assert_eq!(env.event_type, *t);
+        }
+    }
+
+    #[test]
+    fn the_published_bytes_are_the_envelope_of_the_event() {
+        let mut rng = rand::rng();
+        let time = now_rfc3339();
+        for n in 0..300u64 {
+            let draw = Draw::new(EVENT_TYPES[n as usize % 3], n * 7919, &mut rng);
+            let id = uuid::Uuid::now_v7().to_string();
+            let mut value = draw.to_value(&time);
+            value["id"] = json!(id);
+            let env = Envelope::from_value(value).unwrap();
+            let mut out = Vec::new();
+            draw.write_json(&mut out, &time, &id);
+            let want = env.to_record("t").payload.unwrap();
+            assert_eq!(String::from_utf8(out), String::from_utf8(want));
+            let mut key = String::new();
+            draw.write_key(&mut key);
+            assert_eq!(key, env.key);
         }
     }
 

@@ -10,51 +10,62 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde_json::Value;
 
-use crate::model::{Ack, Envelope, EnvelopeError, TraceContext};
+use crate::model::{Ack, Envelope, EnvelopeError, RecordBatch, TraceContext};
 use crate::service::publish::{PublishError, PublishFailure, Publisher};
 
 /// What was published per topic and partition, and what failed by reason: the producer's
-/// shutdown summary.
+/// shutdown summary. Kept per topic, so that recording a result allocates nothing once its
+/// topic and partition were seen.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    published: Mutex<BTreeMap<(String, i32), u64>>,
-    failed: Mutex<BTreeMap<(String, &'static str), u64>>,
+    published: Mutex<BTreeMap<String, BTreeMap<i32, u64>>>,
+    failed: Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>,
 }
 
 impl Ledger {
     /// Records one publish result.
     pub fn record(&self, topic: &str, result: &Result<Ack, PublishError>) {
-        match result {
-            Ok(ack) => {
-                *self
-                    .published
-                    .lock()
-                    .entry((topic.to_owned(), ack.partition))
-                    .or_default() += 1
+        self.record_all(topic, std::slice::from_ref(result));
+    }
+
+    /// Records the results of publishes to `topic`, under one lock.
+    pub fn record_all(&self, topic: &str, results: &[Result<Ack, PublishError>]) {
+        let mut published = self.published.lock();
+        let per_partition = entry(&mut published, topic);
+        let mut failures = 0;
+        for r in results {
+            match r {
+                Ok(ack) => *per_partition.entry(ack.partition).or_default() += 1,
+                Err(_) => failures += 1,
             }
-            Err(e) => {
-                *self
-                    .failed
-                    .lock()
-                    .entry((topic.to_owned(), e.kind.label()))
-                    .or_default() += 1
+        }
+        drop(published);
+        if failures > 0 {
+            let mut failed = self.failed.lock();
+            let per_reason = entry(&mut failed, topic);
+            for e in results.iter().filter_map(|r| r.as_ref().err()) {
+                *per_reason.entry(e.kind.label()).or_default() += 1;
             }
         }
     }
 
     /// Published counts by (topic, partition).
     pub fn published(&self) -> BTreeMap<(String, i32), u64> {
-        self.published.lock().clone()
+        flatten(&self.published.lock())
     }
 
     /// Failure counts by (topic, reason).
     pub fn failed(&self) -> BTreeMap<(String, &'static str), u64> {
-        self.failed.lock().clone()
+        flatten(&self.failed.lock())
     }
 
     /// Total published.
     pub fn total_published(&self) -> u64 {
-        self.published.lock().values().sum()
+        self.published
+            .lock()
+            .values()
+            .flat_map(|p| p.values())
+            .sum()
     }
 
     /// Logs the summary, one line per topic and partition and per failure reason.
@@ -77,6 +88,26 @@ impl Ledger {
         }
         tracing::info!(published = self.total_published(), "Producer summary.");
     }
+}
+
+/// The counts of `topic` in `map`, created empty when it has none (the topic is copied only
+/// then).
+fn entry<'a, K: Ord>(
+    map: &'a mut BTreeMap<String, BTreeMap<K, u64>>,
+    topic: &str,
+) -> &'a mut BTreeMap<K, u64> {
+    if !map.contains_key(topic) {
+        map.insert(topic.to_owned(), BTreeMap::new());
+    }
+    map.get_mut(topic).expect("inserted above")
+}
+
+/// `map` keyed by (topic, inner key).
+fn flatten<K: Ord + Copy>(map: &BTreeMap<String, BTreeMap<K, u64>>) -> BTreeMap<(String, K), u64> {
+    map.iter()
+        .flat_map(|(topic, inner)| inner.iter().map(|(k, n)| ((topic.clone(), *k), *n)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// One event of a batch that failed validation: its index in the batch and why.
@@ -149,11 +180,23 @@ pub fn validate_batch(value: Value, max_events: usize) -> Result<Vec<Envelope>, 
     }
 }
 
-/// Publishes every envelope to `topic` at once and waits for each acknowledgement, at most
-/// `deadline` per event (a [`PublishFailure::Timeout`] after it). Every record carries the
-/// request's trace context `trace` as `traceparent`/`tracestate` headers (with the `otel`
-/// feature, the context of its own `publish` span, a child of `trace`). Records each result
-/// in `ledger` and logs each failure. Results are in the order of `envelopes`.
+/// The records that publish `envelopes` to `topic`, in order.
+pub fn records_of(topic: &str, envelopes: &[Envelope]) -> RecordBatch {
+    let bytes: usize = envelopes
+        .iter()
+        .map(|e| 128 + e.key.len() + e.id.len())
+        .sum();
+    let mut batch = RecordBatch::with_capacity(topic, envelopes.len(), bytes);
+    for env in envelopes {
+        env.push_to(&mut batch);
+    }
+    batch
+}
+
+/// Publishes every envelope to `topic` at once and waits for the acknowledgements, as
+/// [`publish_records`] does with [`records_of`] them (the API itself goes through
+/// `model::events_to_batch` first, so only the tests start from envelopes).
+#[cfg(test)]
 pub async fn publish_batch(
     publisher: &Arc<dyn Publisher>,
     topic: &str,
@@ -162,32 +205,65 @@ pub async fn publish_batch(
     deadline: Duration,
     ledger: &Ledger,
 ) -> Vec<Result<Ack, PublishError>> {
-    let results = futures::future::join_all(envelopes.iter().map(|env| {
-        let span = crate::otel::publish_span(trace, topic, &env.id);
-        let mut record = env.to_record(topic);
-        record.headers.extend(span.context_or(trace).headers());
-        let publisher = publisher.clone();
-        async move {
-            let result = match tokio::time::timeout(deadline, publisher.publish(record)).await {
-                Ok(res) => res,
-                Err(_) => Err(PublishError {
+    let mut batch = records_of(topic, envelopes);
+    publish_records(publisher, &mut batch, trace, deadline, ledger).await
+}
+
+/// Publishes every record of `batch` at once and waits for the acknowledgements, until
+/// `deadline` at most (a [`PublishFailure::Timeout`] for an event not acknowledged by then).
+/// Every record carries the request's trace context `trace` as `traceparent`/`tracestate`
+/// headers (with the `otel` feature, the context of its own `publish` span, a child of
+/// `trace`). Records the results in `ledger` and logs each failure. Results are in the order
+/// of the batch.
+pub async fn publish_records(
+    publisher: &Arc<dyn Publisher>,
+    batch: &mut RecordBatch,
+    trace: &TraceContext,
+    deadline: Duration,
+    ledger: &Ledger,
+) -> Vec<Result<Ack, PublishError>> {
+    // Without the `otel` feature every record carries the request's own context: written
+    // once for the whole batch. With it, each record carries its `publish` span's.
+    let per_record = cfg!(feature = "otel");
+    let spans: Vec<crate::otel::Span> = (0..batch.len())
+        .map(|i| {
+            let span = crate::otel::publish_span(trace, batch.topic(), batch.get(i).message_id());
+            if per_record {
+                batch.extend_headers_of(i, span.context_or(trace).headers());
+            }
+            span
+        })
+        .collect();
+    if !per_record {
+        batch.set_common_headers(trace.headers().collect());
+    }
+    let results: Vec<Result<Ack, PublishError>> = publisher
+        .publish_all(batch, Some(deadline))
+        .await
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(PublishError {
                     kind: PublishFailure::Timeout,
                     message: format!(
                         "no acknowledgement within {} ms (HTTP_REQUEST_TIMEOUT_MS)",
                         deadline.as_millis()
                     ),
-                }),
-            };
-            span.end(result.as_ref().err().map(|e| e.message.as_str()));
-            result
-        }
-    }))
-    .await;
-    let trace_id = trace.parent.trace_id_hex();
-    for (env, res) in envelopes.iter().zip(&results) {
-        ledger.record(topic, res);
-        if let Err(e) = res {
-            tracing::warn!(message_id = %env.id, trace_id, topic, reason = e.kind.label(), error = %e.message, "An event was not published.");
+                })
+            })
+        })
+        .collect();
+    for (span, res) in spans.into_iter().zip(&results) {
+        span.end(res.as_ref().err().map(|e| e.message.as_str()));
+    }
+    let topic = batch.topic();
+    ledger.record_all(topic, &results);
+    if results.iter().any(Result::is_err) {
+        let trace_id = trace.parent.trace_id_hex();
+        for (record, res) in batch.iter().zip(&results) {
+            if let Err(e) = res {
+                tracing::warn!(message_id = %record.message_id(), trace_id, topic, reason = e.kind.label(), error = %e.message, "An event was not published.");
+            }
         }
     }
     results

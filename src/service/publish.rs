@@ -1,9 +1,12 @@
 //! The boundary between the service layer and whatever publishes records (Kafka in
 //! production, a mock in unit tests).
 
-use async_trait::async_trait;
+use std::time::Duration;
 
-use crate::model::{Ack, OutgoingRecord};
+use async_trait::async_trait;
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use crate::model::{Ack, OutgoingRecord, RecordBatch};
 
 /// Why a publish failed, classified by what the caller can do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +82,11 @@ pub struct PublishError {
     pub message: String,
 }
 
+/// The outcome of each record of a [`Publisher::publish_all`], in batch order: `None` for a
+/// record with no outcome by the deadline (it may still be delivered later).
+pub type BatchResults = Vec<Option<Result<Ack, PublishError>>>;
+
 /// Publishes one record and resolves once the broker has acknowledged it.
-#[cfg_attr(test, mockall::automock)]
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `record`; `Ok` only after the broker's acknowledgement.
@@ -91,5 +97,56 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Waits up to `timeout` for queued records to be delivered; returns how many are still
     /// queued.
-    async fn flush(&self, timeout: std::time::Duration) -> usize;
+    async fn flush(&self, timeout: Duration) -> usize;
+
+    /// Publishes every record of `batch` at once and waits for their acknowledgements, until
+    /// `deadline` at most (`None`: until each one is acknowledged or has failed). Each record
+    /// is published once; `Ok` only after the broker's acknowledgement. The default publishes
+    /// each record with [`Publisher::publish`]; the Kafka publisher overrides it to wait for
+    /// the whole batch at once.
+    async fn publish_all(&self, batch: &RecordBatch, deadline: Option<Duration>) -> BatchResults {
+        publish_each(self, batch, deadline).await
+    }
+}
+
+/// [`Publisher::publish_all`] by one [`Publisher::publish`] per record, all at once, under one
+/// deadline.
+pub async fn publish_each<P: Publisher + ?Sized>(
+    publisher: &P,
+    batch: &RecordBatch,
+    deadline: Option<Duration>,
+) -> BatchResults {
+    let mut results: BatchResults = vec![None; batch.len()];
+    let mut pending: FuturesUnordered<_> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let record = r.to_record();
+            async move { (i, publisher.publish(record).await) }
+        })
+        .collect();
+    let all = async {
+        while let Some((i, result)) = pending.next().await {
+            results[i] = Some(result);
+        }
+    };
+    match deadline {
+        Some(d) => {
+            let _ = tokio::time::timeout(d, all).await;
+        }
+        None => all.await,
+    }
+    results
+}
+
+#[cfg(test)]
+mockall::mock! {
+    /// A scripted [`Publisher`] for unit tests: `publish` and `flush` are mocked, and
+    /// `publish_all` is the trait's default, so a batch goes through the scripted `publish`.
+    pub Publisher {}
+    #[async_trait]
+    impl Publisher for Publisher {
+        async fn publish(&self, record: OutgoingRecord) -> Result<Ack, PublishError>;
+        async fn flush(&self, timeout: Duration) -> usize;
+    }
 }
