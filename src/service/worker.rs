@@ -575,6 +575,43 @@ mod tests {
         }
     }
 
+    /// `job(10)` being handled on a context whose readiness reports holds (and nothing else).
+    struct Held {
+        ctx: Arc<WorkerContext>,
+        metrics: Metrics,
+        readiness: Arc<Readiness>,
+        handled: tokio::task::JoinHandle<Outcome>,
+    }
+
+    impl Held {
+        fn start(processor: MockProcessor, publisher: MockPublisher) -> Held {
+            let metrics = Metrics::new();
+            let readiness = Readiness::new(metrics.clone(), false);
+            readiness.broker_ok();
+            let ctx = Arc::new(ctx_with(processor, publisher, readiness.clone()));
+            let worker = ctx.clone();
+            let handled =
+                tokio::spawn(
+                    async move { worker.handle(&job(10), &CancellationToken::new()).await },
+                );
+            Held {
+                ctx,
+                metrics,
+                readiness,
+                handled,
+            }
+        }
+
+        /// Waits up to 5 s for `done`.
+        async fn wait(&self, what: &str, done: impl Fn() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
     /// A breaker that opens at half of at least `min_calls` calls in 10 s.
     fn breaker(min_calls: u32) -> Arc<Breaker> {
         Breaker::new(
@@ -725,18 +762,13 @@ mod tests {
                 })
             }
         });
-        let metrics = Metrics::new();
-        let readiness = Readiness::new(metrics.clone(), false);
-        readiness.broker_ok();
-        let ctx = Arc::new(ctx_with(processor, publisher, readiness.clone()));
-        let worker = ctx.clone();
-        let handled =
-            tokio::spawn(async move { worker.handle(&job(10), &CancellationToken::new()).await });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while attempts.load(std::sync::atomic::Ordering::SeqCst) < 5 {
-            assert!(Instant::now() < deadline, "the publish is retried");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let held = Held::start(processor, publisher);
+        let (metrics, readiness) = (&held.metrics, &held.readiness);
+        held.wait("the publish is retried", || {
+            attempts.load(std::sync::atomic::Ordering::SeqCst) >= 5
+        })
+        .await;
+        let handled = held.handled;
         let reason = readiness
             .check()
             .expect_err("not ready while a message is held");
@@ -776,18 +808,13 @@ mod tests {
                 message: "too large".into(),
             })
         });
-        let metrics = Metrics::new();
-        let readiness = Readiness::new(metrics.clone(), false);
-        readiness.broker_ok();
-        let ctx = Arc::new(ctx_with(processor, publisher, readiness.clone()));
-        let worker = ctx.clone();
-        let handled =
-            tokio::spawn(async move { worker.handle(&job(10), &CancellationToken::new()).await });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while metrics.held_messages.get() == 0 {
-            assert!(Instant::now() < deadline, "the message is held visibly");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let held = Held::start(processor, publisher);
+        let (metrics, readiness, ctx) = (&held.metrics, &held.readiness, &held.ctx);
+        held.wait("the message is held visibly", || {
+            metrics.held_messages.get() > 0
+        })
+        .await;
+        let handled = held.handled;
         assert!(readiness.check().unwrap_err().contains("ev/1@7"));
         assert!(!handled.is_finished());
         ctx.abort.cancel();
