@@ -9,7 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use courier::app::producer::{start, ProducerOptions, RunningProducer};
-use courier::testing::{http_get, metric_sum, rand_id, wait_ready, TestKafka};
+use courier::testing::{
+    http_get, metric_sum, post_request, rand_id, start_producer, stop_producer, wait_ready,
+    TestKafka,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -35,14 +38,7 @@ fn bearer(t: &str) -> Vec<u8> {
 type Case<'a> = (&'a str, &'a String, Vec<Vec<u8>>, u16, &'a str);
 
 async fn producer(k: &TestKafka, extra: &[(&str, &str)]) -> (RunningProducer, CancellationToken) {
-    let shutdown = CancellationToken::new();
-    let running = start(
-        k.config(extra),
-        ProducerOptions::default(),
-        shutdown.clone(),
-    )
-    .await
-    .expect("producer starts");
+    let (running, shutdown) = start_producer(k.config(extra)).await;
     wait_ready(&format!("http://{}/readyz", running.ops_addr), T).await;
     (running, shutdown)
 }
@@ -72,18 +68,7 @@ impl Answer {
 /// `POST path` with one `Authorization` header per item of `auth` (raw bytes), over a fresh
 /// loopback connection, within 10 s.
 async fn post(addr: SocketAddr, path: &str, auth: &[Vec<u8>], body: &[u8]) -> Answer {
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    for a in auth {
-        head.extend_from_slice(b"Authorization: ");
-        head.extend_from_slice(a);
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"\r\n");
-    head.extend_from_slice(body);
+    let head = post_request(addr, path, auth, body);
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(&head).await.expect("write");
@@ -290,8 +275,7 @@ async fn missing_malformed_wrong_and_unscoped_tokens_are_refused_and_publish_not
         "AUTH refusals: {} requests refused (401/403), nothing published",
         cases.len() + 1
     );
-    shutdown.cancel();
-    assert_eq!(p.done.await.unwrap(), 0);
+    assert_eq!(stop_producer(p, shutdown, T).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,8 +325,7 @@ async fn a_revoked_token_gets_401_once_the_file_changes_without_a_restart() {
     assert_eq!(publish(a.clone()).await.status, 401);
     assert_eq!(k.end_offsets(&k.source), vec![3]);
     wait_reloads(&p, "ok", 2.0).await;
-    shutdown.cancel();
-    assert_eq!(p.done.await.unwrap(), 0);
+    assert_eq!(stop_producer(p, shutdown, T).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,8 +371,7 @@ async fn sighup_re_reads_the_token_file_even_when_it_looks_unchanged() {
         401,
         "the old token is refused"
     );
-    shutdown.cancel();
-    assert_eq!(p.done.await.unwrap(), 0);
+    assert_eq!(stop_producer(p, shutdown, T).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,8 +405,7 @@ async fn a_malformed_or_missing_file_keeps_the_last_good_set() {
     replace(&file, &format!("{c}\n"));
     wait_probe(p.http_addr, &c, 400, "the good file is taken").await;
     assert_eq!(k.end_offsets(&k.source), vec![1]);
-    shutdown.cancel();
-    assert_eq!(p.done.await.unwrap(), 0);
+    assert_eq!(stop_producer(p, shutdown, T).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

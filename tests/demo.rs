@@ -11,7 +11,8 @@ use courier::app::demo::{session as demo, DemoOptions, DrainEnd, ProgressStyle};
 use courier::config::Config;
 use courier::service::demo::{FailurePlan, Fate};
 use courier::testing::{
-    courier_command, http_get, metric_sum, output_within, wait_for, wait_for_async, ServiceEnv,
+    courier_command, http_get, metric_sum, output_within, successful_output, wait_for,
+    wait_for_async, ServiceEnv,
 };
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -444,13 +445,7 @@ fn the_binary_runs_for_its_duration_and_adds_up() {
         ],
         Duration::from_secs(45),
     );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
-    );
+    let (stdout, _) = successful_output(&output);
     let check = stdout
         .lines()
         .find(|l| l.starts_with("produced "))

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use courier::testing::successful_output;
+
 #[test]
 fn an_outage_in_the_demo_dead_letters_nothing_and_the_summary_adds_up() {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_courier"));
@@ -39,13 +41,7 @@ fn an_outage_in_the_demo_dead_letters_nothing_and_the_summary_adds_up() {
             panic!("courier demo --outage did not end within 90 s");
         }
     };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
-    );
+    let (stdout, stderr) = successful_output(&output);
     // Open on a line, or open and closed again between two lines.
     assert!(
         stdout.contains("circuit OPEN") || stdout.contains("circuit closed (was OPEN)"),

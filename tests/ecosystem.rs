@@ -6,18 +6,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::app::consumer::{self, ConsumerOptions};
-use courier::app::producer::{self, ProducerOptions};
+use courier::app::producer::ProducerOptions;
 use courier::model::Headers;
 use courier::observability::Metrics;
 use courier::service::builtin::HttpProcessor;
 use courier::service::{ProcessError, Processor};
 use courier::testing::{
-    header, metric_sum, rand_id, wait_for, wait_ready, ScriptedProcessor, TestKafka,
+    header, metric_sum, rand_id, reqwest_post_json, start_consumer, start_producer_and_consumer,
+    wait_for, wait_ready, ScriptedProcessor, TestKafka,
 };
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -197,37 +196,24 @@ async fn the_trace_context_survives_ingest_retry_and_dlq_up_to_a_private_ca_endp
         ("KAFKA_CONSUMER_RETRY_MAX", "1"),
         ("KAFKA_RETRY_BACKOFF", "100ms"),
     ];
-    let shutdown = CancellationToken::new();
     let producer_metrics = Metrics::new();
-    let producer = producer::start(
-        k.config(&env),
-        ProducerOptions {
-            metrics: Some(producer_metrics.clone()),
-            ..ProducerOptions::default()
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let consumer = consumer::start(k.config(&env), ConsumerOptions::default(), shutdown.clone())
-        .await
-        .unwrap();
-    wait_ready(&format!("http://{}/readyz", producer.ops_addr), DEADLINE).await;
+    let options = ProducerOptions {
+        metrics: Some(producer_metrics.clone()),
+        ..ProducerOptions::default()
+    };
+    let (producer, consumer, shutdown) =
+        start_producer_and_consumer(k.config(&env), options, DEADLINE).await;
 
     let traceparent = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(courier::service::builtin::client_tls(None).unwrap())
-        .build()
-        .unwrap();
-    let response = client
-        .post(format!("http://{}/v1/events", producer.http_addr))
-        .header("content-type", "application/json")
-        .header("traceparent", &traceparent)
-        .header("tracestate", "congo=t61rcWkgMzE")
-        .body(r#"[{"id":"fails","type":"t"},{"id":"works","type":"t"}]"#)
-        .send()
-        .await
-        .unwrap();
+    let response = reqwest_post_json(
+        &format!("http://{}/v1/events", producer.http_addr),
+        &[
+            ("traceparent", &traceparent),
+            ("tracestate", "congo=t61rcWkgMzE"),
+        ],
+        r#"[{"id":"fails","type":"t"},{"id":"works","type":"t"}]"#,
+    )
+    .await;
     assert_eq!(response.status(), 200);
 
     let dlq = k.read_all(&k.dlq, 1, DEADLINE);
@@ -339,21 +325,11 @@ async fn latest_skips_earlier_records_yet_reads_its_own_retry_topic_from_the_sta
     k.produce(&k.retry_topic(1), vec![retry]).await;
 
     let processor = ScriptedProcessor::new();
-    let shutdown = CancellationToken::new();
     let config = k.config(&[
         ("KAFKA_CONSUMER_AUTO_OFFSET_RESET", "latest"),
         ("KAFKA_CONSUMER_WORKERS", "1"),
     ]);
-    let running = consumer::start(
-        config,
-        ConsumerOptions {
-            processor: Some(processor.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let (running, shutdown) = start_consumer(config, processor.clone()).await;
     assert_eq!(
         k.committed(&k.source),
         vec![5],
@@ -400,18 +376,12 @@ async fn latest_skips_earlier_records_yet_reads_its_own_retry_topic_from_the_sta
 
     // The same records with the default (earliest) in a new group: the old ones are read.
     let processor = ScriptedProcessor::new();
-    let shutdown = CancellationToken::new();
     let group = format!("group-{}", rand_id());
-    let running = consumer::start(
+    let (running, shutdown) = start_consumer(
         k.config(&[("KAFKA_CONSUMER_GROUP_ID", &group)]),
-        ConsumerOptions {
-            processor: Some(processor.clone()),
-            metrics: None,
-        },
-        shutdown.clone(),
+        processor.clone(),
     )
-    .await
-    .unwrap();
+    .await;
     wait_for("the old records with earliest", DEADLINE, || {
         processor
             .ok_ids()

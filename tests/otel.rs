@@ -14,16 +14,16 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Router;
-use courier::app::consumer::{self, ConsumerOptions};
-use courier::app::producer::{self, ProducerOptions};
-use courier::testing::{header, wait_for, wait_ready, TestKafka};
+use courier::app::producer::ProducerOptions;
+use courier::testing::{
+    header, reqwest_post_json, start_producer_and_consumer, wait_for, TestKafka,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use parking_lot::Mutex;
 use prost::Message;
-use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -95,26 +95,14 @@ async fn publish_and_process_spans_are_exported_over_otlp_http_and_linked() {
         ("COURIER_PROCESSOR", "http"),
         ("PROCESSOR_HTTP_URL", url.as_str()),
     ];
-    let shutdown = CancellationToken::new();
-    let producer = producer::start(k.config(&env), ProducerOptions::default(), shutdown.clone())
-        .await
-        .unwrap();
-    let consumer = consumer::start(k.config(&env), ConsumerOptions::default(), shutdown.clone())
-        .await
-        .unwrap();
-    wait_ready(&format!("http://{}/readyz", producer.ops_addr), DEADLINE).await;
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(courier::service::builtin::client_tls(None).unwrap())
-        .build()
-        .unwrap();
-    let response = client
-        .post(format!("http://{}/v1/events", producer.http_addr))
-        .header("content-type", "application/json")
-        .header("traceparent", format!("00-{TRACE_ID}-{PARENT_ID}-01"))
-        .body(r#"{"id":"traced-1","type":"t"}"#)
-        .send()
-        .await
-        .unwrap();
+    let (producer, consumer, shutdown) =
+        start_producer_and_consumer(k.config(&env), ProducerOptions::default(), DEADLINE).await;
+    let response = reqwest_post_json(
+        &format!("http://{}/v1/events", producer.http_addr),
+        &[("traceparent", &format!("00-{TRACE_ID}-{PARENT_ID}-01"))],
+        r#"{"id":"traced-1","type":"t"}"#,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     wait_for("the endpoint's request", DEADLINE, || {
         !requests.lock().is_empty()

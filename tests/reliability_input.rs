@@ -20,8 +20,8 @@ use courier::model::{CourierHeaders, Delivery, Envelope, HeaderKey, Headers, Out
 use courier::service::builtin::LogProcessor;
 use courier::service::{ProcessError, Processor};
 use courier::testing::{
-    eventually, header, http_get, http_request, metric_sum, start_consumer, start_producer,
-    wait_ready, TestKafka,
+    eventually, header, http_get, http_request, metric_sum, post_request, response_status,
+    start_consumer, start_producer, wait_ready, TestKafka,
 };
 use parking_lot::Mutex;
 use proptest::prelude::*;
@@ -479,28 +479,13 @@ async fn ingest_fuzz_authorization_headers_never_get_through() {
     async fn post(addr: std::net::SocketAddr, path: &str, auth: &[Vec<u8>]) -> (u16, bool, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let body = br#"{"type":"must_not_be_published"}"#;
-        let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        )
-        .into_bytes();
-        for a in auth {
-            req.extend_from_slice(b"Authorization: ");
-            req.extend_from_slice(a);
-            req.extend_from_slice(b"\r\n");
-        }
-        req.extend_from_slice(b"\r\n");
-        req.extend_from_slice(body);
+        let req = post_request(addr, path, auth, body);
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let _ = s.write_all(&req).await;
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf).await;
         let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status = response_status(&text);
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let challenge = head.lines().any(|l| {
             l.to_ascii_lowercase()

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use courier::app::producer::{start, ProducerOptions, RunningProducer};
-use courier::testing::{http_get, metric_sum, rand_id, wait_ready, TestKafka};
+use courier::testing::{
+    http_get, metric_sum, post_request, rand_id, response_status, start_producer, stop_producer,
+    wait_ready, TestKafka,
+};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -108,14 +111,7 @@ impl Files {
 
 async fn producer(k: &TestKafka, extra: &[(&str, String)]) -> (RunningProducer, CancellationToken) {
     let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let shutdown = CancellationToken::new();
-    let running = start(
-        k.config(&extra),
-        ProducerOptions::default(),
-        shutdown.clone(),
-    )
-    .await
-    .expect("producer starts");
+    let (running, shutdown) = start_producer(k.config(&extra)).await;
     // The ops server stays plain HTTP.
     wait_ready(&format!("http://{}/readyz", running.ops_addr), T).await;
     (running, shutdown)
@@ -170,17 +166,11 @@ async fn https(
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         let server_cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-        let mut req = format!(
-            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if let Some(t) = token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        tls.write_all(&bytes)
+        let auth: Vec<Vec<u8>> = token
+            .map(|t| format!("Bearer {t}").into_bytes())
+            .into_iter()
+            .collect();
+        tls.write_all(&post_request("localhost", path, &auth, body))
             .await
             .map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::new();
@@ -189,11 +179,7 @@ async fn https(
             return Err(format!("no answer: {read:?}"));
         }
         let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status = response_status(&text);
         let body = text
             .split_once("\r\n\r\n")
             .map_or("", |(_, b)| b)
@@ -291,8 +277,7 @@ async fn https_with_a_test_ca_publishes_and_plain_http_gets_a_clear_400() {
         .expect("HTTPS still works");
     assert_eq!(again.status, 200, "{}", again.body);
     assert_eq!(k.end_offsets(&k.source), vec![2]);
-    shutdown.cancel();
-    assert_eq!(p.done.await.unwrap(), 0);
+    assert_eq!(stop_producer(p, shutdown, T).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,8 +324,7 @@ async fn mutual_tls_refuses_clients_without_a_certificate_of_the_client_ca() {
         vec![1],
         "only the good client published"
     );
-    shutdown.cancel();
-    assert_eq!(p.done.await.unwrap(), 0);
+    assert_eq!(stop_producer(p, shutdown, T).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,8 +379,7 @@ async fn a_rotated_certificate_is_served_to_new_connections() {
     }
     assert_eq!(served(trusted).await.server_cert, second.der);
     assert!(k.end_offsets(&k.source)[0] >= 3);
-    shutdown.cancel();
-    assert_eq!(p.done.await.unwrap(), 0);
+    assert_eq!(stop_producer(p, shutdown, T).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

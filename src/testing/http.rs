@@ -54,13 +54,60 @@ pub async fn try_http_request(
     Ok(parse_response(&String::from_utf8_lossy(&buf)))
 }
 
-/// (status, body) of a raw answer; a chunked body is joined.
-fn parse_response(text: &str) -> (u16, String) {
-    let status = text
-        .split_whitespace()
+/// The status of a raw HTTP/1.1 answer (`HTTP/1.1 200 OK`...); 0 when there is none.
+pub fn response_status(text: &str) -> u16 {
+    text.split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// The bytes of a JSON `POST path` to `host` (`Connection: close`) with one
+/// `Authorization` header per item of `auth`, sent as given (raw bytes, so a test can send
+/// malformed ones), then `body`.
+pub fn post_request(
+    host: impl std::fmt::Display,
+    path: &str,
+    auth: &[Vec<u8>],
+    body: &[u8],
+) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    for a in auth {
+        req.extend_from_slice(b"Authorization: ");
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    req
+}
+
+/// A JSON `POST` of `body` to `url` with extra `headers` (`traceparent`, ...) through
+/// reqwest, with the TLS setup of courier's http processor; fails the test when no answer
+/// comes.
+pub async fn reqwest_post_json(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> reqwest::Response {
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(crate::service::builtin::client_tls(None).unwrap())
+        .build()
+        .unwrap();
+    let mut request = client.post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(body).send().await.unwrap()
+}
+
+/// (status, body) of a raw answer; a chunked body is joined.
+fn parse_response(text: &str) -> (u16, String) {
+    let status = response_status(text);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
     let chunked = head
         .to_ascii_lowercase()
@@ -199,6 +246,23 @@ mod tests {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         assert_eq!(parse_response(chunked), (200, "abcde".into()));
         assert_eq!(parse_response(""), (0, String::new()));
+    }
+
+    #[test]
+    fn a_post_carries_each_authorization_header_as_given() {
+        let req = post_request(
+            "h:1",
+            "/v1/events",
+            &[b"Bearer a".to_vec(), b"x".to_vec()],
+            b"{}",
+        );
+        assert_eq!(
+            String::from_utf8(req).unwrap(),
+            "POST /v1/events HTTP/1.1\r\nHost: h:1\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: 2\r\n\
+             Authorization: Bearer a\r\nAuthorization: x\r\n\r\n{}"
+        );
+        assert_eq!(response_status("HTTP/1.1 401 Unauthorized\r\n"), 401);
     }
 
     #[tokio::test]

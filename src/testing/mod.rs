@@ -32,16 +32,18 @@ use crate::model::Delivery;
 
 pub use env::{Names, ServiceEnv, RETRY_LEVELS};
 pub use http::{
-    free_port, http_get, http_request, metric_sum, metric_value, probe, try_http_get,
-    try_http_request, wait_ready, wait_status,
+    free_port, http_get, http_request, metric_sum, metric_value, post_request, probe,
+    reqwest_post_json, response_status, try_http_get, try_http_request, wait_ready, wait_status,
 };
 pub use kafka::{event_record, Kafka, TestKafka, TestMessage, TestProducer};
 pub use process::{
-    courier_bin, courier_command, output_within, tail, ChildProcess, DevBrokerProcess, Log,
-    ServiceProcess,
+    courier_bin, courier_command, output_within, successful_output, tail, ChildProcess,
+    DevBrokerProcess, Log, ServiceProcess,
 };
 pub use processor::{ScriptedProcessor, Seen, Step};
-pub use services::{start_consumer, start_producer, stop_consumer};
+pub use services::{
+    start_consumer, start_producer, start_producer_and_consumer, stop_consumer, stop_producer,
+};
 pub use sink::{HttpSink, Reply, SinkRequest, SinkState};
 
 /// A random suffix for names: 10 hex digits.

@@ -76,6 +76,19 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
     }
 }
 
+/// The stdout and stderr of a child as text; fails the test, showing both, unless it exited
+/// with 0.
+pub fn successful_output(output: &Output) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    (stdout, stderr)
+}
+
 /// The last `lines` lines of the file at `path` (empty when it cannot be read).
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -372,9 +385,7 @@ mod tests {
             Command::new("sh").args(["-c", "echo out; echo err >&2"]),
             Duration::from_secs(10),
         );
-        assert!(out.status.success());
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
-        assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+        assert_eq!(successful_output(&out), ("out\n".into(), "err\n".into()));
         let hang = std::panic::catch_unwind(|| {
             output_within(Command::new("sleep").arg("30"), Duration::from_millis(200))
         });

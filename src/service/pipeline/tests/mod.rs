@@ -90,6 +90,23 @@ impl Processor for Script {
     }
 }
 
+/// A script whose `block` messages wait for permits of the returned gate (none yet).
+fn gated() -> (Arc<Semaphore>, Arc<Script>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    (gate, script)
+}
+
+impl Script {
+    /// Waits until `n` calls are running.
+    async fn until_running(&self, what: &str, n: usize) {
+        until(what, || self.running.load(Ordering::SeqCst) == n).await;
+    }
+}
+
 fn publisher(sent: &Arc<Mutex<Vec<crate::model::OutgoingRecord>>>) -> MockPublisher {
     let mut p = MockPublisher::new();
     let seen = sent.clone();
@@ -140,6 +157,18 @@ fn delivery(topic: &str, offset: i64, key: &str, payload: &[u8], headers: Header
     }
 }
 
+/// A retry of `topic` (key `k`) due `ms` milliseconds from now.
+fn due_in(topic: &str, offset: i64, ms: i64) -> Delivery {
+    let due = (now_ms() + ms).to_string().into_bytes();
+    delivery(
+        topic,
+        offset,
+        "k",
+        b"{}",
+        vec![(HEADER_DUE_AT_MS.into(), Some(due))],
+    )
+}
+
 fn cfg() -> PipelineConfig {
     PipelineConfig {
         workers: 2,
@@ -184,6 +213,11 @@ impl Harness {
         }
     }
 
+    /// A pipeline with `script` as its processor and a publisher nobody looks at.
+    fn scripted(cfg: PipelineConfig, script: &Arc<Script>) -> Self {
+        Harness::start(cfg, ctx(script.clone(), publisher(&Default::default())))
+    }
+
     async fn assign(&self, tp: &Tp, generation: Epoch) {
         self.events
             .send(DriverEvent::Assigned(vec![(tp.clone(), generation)]))
@@ -207,6 +241,28 @@ impl Harness {
 
     async fn deliver(&self, batch: DeliveryBatch) {
         self.deliveries.send(batch).await.expect("pipeline running");
+    }
+
+    /// Waits until the driver was asked to commit `offset` of `tp` under `generation`.
+    async fn until_committed(&self, what: &str, tp: &Tp, generation: Epoch, offset: i64) {
+        until(what, || {
+            self.calls
+                .lock()
+                .commits
+                .contains(&(tp.clone(), generation, offset))
+        })
+        .await;
+    }
+
+    /// Waits until the driver was asked to resume `tp` under `generation`.
+    async fn until_resumed(&self, what: &str, tp: &Tp, generation: Epoch) {
+        until(what, || {
+            self.calls
+                .lock()
+                .resumes
+                .contains(&(tp.clone(), generation))
+        })
+        .await;
     }
 
     async fn stop(self) -> (ConsumerSummary, Arc<Mutex<Calls>>) {
@@ -246,7 +302,7 @@ async fn answer(rx: &std::sync::mpsc::Receiver<Vec<(Tp, i64)>>) -> Vec<(Tp, i64)
 #[tokio::test]
 async fn a_retry_not_yet_due_is_held_and_never_committed_past() {
     let script = Arc::new(Script::default());
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(cfg(), &script);
     let tp = Tp::new("ev-retry-1", 0);
     h.assign(&tp, 1).await;
     let later = (now_ms() + 60_000).to_string().into_bytes();
@@ -268,10 +324,7 @@ async fn a_retry_not_yet_due_is_held_and_never_committed_past() {
     h.deliver(vec![(delivery("ev-retry-1", 4, "k", b"{}", vec![]), 100)])
         .await;
     until("a second seek back", || h.calls.lock().seeks.len() == 2).await;
-    until("offsets 0..2 committed", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 1, 3))
-    })
-    .await;
+    h.until_committed("offsets 0..2 committed", &tp, 1, 3).await;
     let (summary, calls) = h.stop().await;
     let c = calls.lock();
     assert_eq!(c.seeks, vec![(tp.clone(), 1, 3), (tp.clone(), 1, 3)]);
@@ -289,7 +342,7 @@ async fn a_retry_not_yet_due_is_held_and_never_committed_past() {
 #[tokio::test]
 async fn other_groups_retries_are_skipped_and_committed_past() {
     let script = Arc::new(Script::default());
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(cfg(), &script);
     let tp = Tp::new("ev-retry-2", 0);
     h.assign(&tp, 1).await;
     let foreign: Headers = vec![(HEADER_CONSUMER_GROUP.into(), Some(b"other".to_vec()))];
@@ -298,10 +351,8 @@ async fn other_groups_retries_are_skipped_and_committed_past() {
         (delivery("ev-retry-2", 1, "k", b"{}", foreign), 1),
     ])
     .await;
-    until("both skipped and committed", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 1, 2))
-    })
-    .await;
+    h.until_committed("both skipped and committed", &tp, 1, 2)
+        .await;
     let (summary, _) = h.stop().await;
     assert_eq!(summary[&tp].skipped, 2);
     assert!(script.calls.lock().is_empty());
@@ -309,27 +360,20 @@ async fn other_groups_retries_are_skipped_and_committed_past() {
 
 #[tokio::test]
 async fn the_byte_bound_limits_what_is_in_flight() {
-    let gate = Arc::new(Semaphore::new(0));
-    let script = Arc::new(Script {
-        gate: Some(gate.clone()),
-        ..Script::default()
-    });
+    let (gate, script) = gated();
     let mut c = cfg();
     c.workers = 8;
     c.max_in_flight = 100;
     // Each message is 5 (payload) + 1 (key) bytes: three fit, a fourth does not.
     c.max_in_flight_bytes = 20;
-    let h = Harness::start(c, ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(c, &script);
     let tp = Tp::new("ev", 0);
     h.assign(&tp, 1).await;
     let batch = (0..8)
         .map(|o| (delivery("ev", o, &o.to_string(), b"block", vec![]), 1))
         .collect();
     h.deliver(batch).await;
-    until("three running", || {
-        script.running.load(Ordering::SeqCst) == 3
-    })
-    .await;
+    script.until_running("three running", 3).await;
     // The batch was admitted in one go: nothing more can start before a completion.
     tokio::task::yield_now().await;
     assert_eq!(script.calls.lock().len(), 3, "no fourth message taken");
@@ -345,7 +389,7 @@ async fn one_message_larger_than_the_byte_bound_is_taken_alone() {
     let script = Arc::new(Script::default());
     let mut c = cfg();
     c.max_in_flight_bytes = 4;
-    let h = Harness::start(c, ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(c, &script);
     let tp = Tp::new("ev", 0);
     h.assign(&tp, 1).await;
     h.deliver(vec![
@@ -358,26 +402,35 @@ async fn one_message_larger_than_the_byte_bound_is_taken_alone() {
     assert_eq!(summary[&tp].ok, 2);
 }
 
+/// Sends `payload` then `{}` (same key) on partition 0 of `topic` and waits until both are
+/// committed: the first dead-lettered, the second processed. Returns the script and what was
+/// published.
+async fn dead_letter_the_first(
+    topic: &str,
+    payload: &[u8],
+) -> (Arc<Script>, Arc<Mutex<Vec<crate::model::OutgoingRecord>>>) {
+    let script = Arc::new(Script::default());
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&sent)));
+    let tp = Tp::new(topic, 0);
+    h.assign(&tp, 1).await;
+    h.deliver(vec![
+        (delivery(topic, 0, "k", payload, vec![]), 1),
+        (delivery(topic, 1, "k", b"{}", vec![]), 1),
+    ])
+    .await;
+    h.until_committed("both finished and committed", &tp, 1, 2)
+        .await;
+    let (summary, _) = h.stop().await;
+    assert_eq!((summary[&tp].dead_lettered, summary[&tp].ok), (1, 1));
+    (script, sent)
+}
+
 /// A panicking processor call is a fatal failure: dead-lettered, and the lane goes on with
 /// the next message of the same key.
 #[tokio::test]
 async fn a_processor_panic_is_a_fatal_failure_and_the_lane_goes_on() {
-    let script = Arc::new(Script::default());
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&sent)));
-    let tp = Tp::new("ev", 0);
-    h.assign(&tp, 1).await;
-    h.deliver(vec![
-        (delivery("ev", 0, "k", b"panic", vec![]), 1),
-        (delivery("ev", 1, "k", b"{}", vec![]), 1),
-    ])
-    .await;
-    until("both finished and committed", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 1, 2))
-    })
-    .await;
-    let (summary, _) = h.stop().await;
-    assert_eq!((summary[&tp].dead_lettered, summary[&tp].ok), (1, 1));
+    let (_, sent) = dead_letter_the_first("ev", b"panic").await;
     let sent = sent.lock();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].topic, "ev-dlq");
@@ -393,22 +446,7 @@ async fn a_processor_panic_is_a_fatal_failure_and_the_lane_goes_on() {
 /// goes to the DLQ as exhausted.
 #[tokio::test]
 async fn a_failure_on_a_retry_topic_above_the_maximum_is_exhausted() {
-    let script = Arc::new(Script::default());
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&sent)));
-    let tp = Tp::new("ev-retry-5", 0);
-    h.assign(&tp, 1).await;
-    h.deliver(vec![
-        (delivery("ev-retry-5", 0, "k", b"fail", vec![]), 1),
-        (delivery("ev-retry-5", 1, "k", b"{}", vec![]), 1),
-    ])
-    .await;
-    until("both finished and committed", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 1, 2))
-    })
-    .await;
-    let (summary, _) = h.stop().await;
-    assert_eq!((summary[&tp].dead_lettered, summary[&tp].ok), (1, 1));
+    let (script, sent) = dead_letter_the_first("ev-retry-5", b"fail").await;
     let sent = sent.lock();
     assert_eq!(sent[0].topic, "ev-dlq");
     let hd = CourierHeaders::parse(&sent[0].headers);
@@ -429,7 +467,7 @@ async fn deadlines_never_overflow() {
 #[tokio::test(start_paused = true)]
 async fn commit_points_are_committed_again_even_when_they_did_not_move() {
     let script = Arc::new(Script::default());
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(cfg(), &script);
     let tp = Tp::new("ev", 0);
     h.assign(&tp, 1).await;
     h.deliver(vec![

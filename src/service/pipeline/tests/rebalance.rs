@@ -8,14 +8,10 @@ use super::*;
 /// its commit point stays at the queued message for the next owner.
 #[tokio::test]
 async fn work_queued_for_a_revoked_partition_is_never_started() {
-    let gate = Arc::new(Semaphore::new(0));
-    let script = Arc::new(Script {
-        gate: Some(gate.clone()),
-        ..Script::default()
-    });
+    let (gate, script) = gated();
     let mut c = cfg();
     c.workers = 1;
-    let h = Harness::start(c, ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(c, &script);
     let (a, b) = (Tp::new("ev-a", 0), Tp::new("ev-b", 0));
     h.assign(&a, 1).await;
     h.assign(&b, 2).await;
@@ -25,10 +21,7 @@ async fn work_queued_for_a_revoked_partition_is_never_started() {
         (delivery("ev-b", 1, "k", b"{}", vec![]), 2),
     ])
     .await;
-    until("A's message is running", || {
-        script.running.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    script.until_running("A's message is running", 1).await;
     let rx = h.revoke(&b, false).await;
     assert_eq!(
         answer(&rx).await,
@@ -36,10 +29,7 @@ async fn work_queued_for_a_revoked_partition_is_never_started() {
         "offset 0 finished; offset 1 queued, not started, left for the next owner"
     );
     gate.add_permits(1);
-    until("A's message finished", || {
-        script.running.load(Ordering::SeqCst) == 0
-    })
-    .await;
+    script.until_running("A's message finished", 0).await;
     let (summary, calls) = h.stop().await;
     assert_eq!(
         *script.calls.lock(),
@@ -55,14 +45,10 @@ async fn work_queued_for_a_revoked_partition_is_never_started() {
 /// committed under generation 2; nothing about generation 1 reaches the driver after it.
 #[tokio::test]
 async fn a_late_revoke_answer_never_touches_a_new_assignment() {
-    let gate = Arc::new(Semaphore::new(0));
-    let script = Arc::new(Script {
-        gate: Some(gate.clone()),
-        ..Script::default()
-    });
+    let (gate, script) = gated();
     let mut c = cfg();
     c.workers = 8;
-    let h = Harness::start(c, ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(c, &script);
     // A key on another lane than "k", so generation 2 is not queued behind the blocked one.
     let mut rr = 0;
     let other = (0..)
@@ -75,19 +61,15 @@ async fn a_late_revoke_answer_never_touches_a_new_assignment() {
     h.assign(&tp, 1).await;
     h.deliver(vec![(delivery("ev", 0, "k", b"block", vec![]), 1)])
         .await;
-    until("generation 1's message is running", || {
-        script.running.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    script
+        .until_running("generation 1's message is running", 1)
+        .await;
     let rx = h.revoke(&tp, false).await;
     h.assign(&tp, 2).await;
     let before = h.calls.lock().commits.len();
     h.deliver(vec![(delivery("ev", 0, &other, b"{}", vec![]), 2)])
         .await;
-    until("generation 2 commits", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 2, 1))
-    })
-    .await;
+    h.until_committed("generation 2 commits", &tp, 2, 1).await;
     gate.add_permits(1);
     assert_eq!(
         answer(&rx).await,
@@ -96,10 +78,8 @@ async fn a_late_revoke_answer_never_touches_a_new_assignment() {
     );
     h.deliver(vec![(delivery("ev", 1, &other, b"{}", vec![]), 2)])
         .await;
-    until("generation 2 still flows after the late answer", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 2, 2))
-    })
-    .await;
+    h.until_committed("generation 2 still flows after the late answer", &tp, 2, 2)
+        .await;
     let (_, calls) = h.stop().await;
     let c = calls.lock();
     assert!(
@@ -112,12 +92,8 @@ async fn a_late_revoke_answer_never_touches_a_new_assignment() {
 
 #[tokio::test]
 async fn a_lost_assignment_is_answered_at_once_with_nothing_to_commit() {
-    let gate = Arc::new(Semaphore::new(0));
-    let script = Arc::new(Script {
-        gate: Some(gate.clone()),
-        ..Script::default()
-    });
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let (gate, script) = gated();
+    let h = Harness::scripted(cfg(), &script);
     let tp = Tp::new("ev", 0);
     h.assign(&tp, 1).await;
     h.deliver(vec![
@@ -125,10 +101,7 @@ async fn a_lost_assignment_is_answered_at_once_with_nothing_to_commit() {
         (delivery("ev", 1, "k", b"block", vec![]), 1),
     ])
     .await;
-    until("offset 1 is running", || {
-        script.running.load(Ordering::SeqCst) == 1
-    })
-    .await;
+    script.until_running("offset 1 is running", 1).await;
     let rx = h.revoke(&tp, true).await;
     assert_eq!(answer(&rx).await, vec![]);
     gate.add_permits(1);
@@ -142,21 +115,10 @@ async fn a_lost_assignment_is_answered_at_once_with_nothing_to_commit() {
 #[tokio::test]
 async fn requests_name_the_generation_they_are_about() {
     let script = Arc::new(Script::default());
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(cfg(), &script);
     let tp = Tp::new("ev-retry-1", 0);
     h.assign(&tp, 1).await;
-    let later = (now_ms() + 60_000).to_string().into_bytes();
-    h.deliver(vec![(
-        delivery(
-            "ev-retry-1",
-            0,
-            "k",
-            b"{}",
-            vec![(HEADER_DUE_AT_MS.into(), Some(later))],
-        ),
-        1,
-    )])
-    .await;
+    h.deliver(vec![(due_in("ev-retry-1", 0, 60_000), 1)]).await;
     until("generation 1 paused", || {
         h.calls.lock().pauses.contains(&(tp.clone(), 1))
     })
@@ -170,10 +132,8 @@ async fn requests_name_the_generation_they_are_about() {
     h.assign(&tp, 2).await;
     h.deliver(vec![(delivery("ev-retry-1", 0, "k", b"{}", vec![]), 2)])
         .await;
-    until("processed under generation 2", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 2, 1))
-    })
-    .await;
+    h.until_committed("processed under generation 2", &tp, 2, 1)
+        .await;
     assert!(
         !h.calls.lock().pauses.contains(&(tp.clone(), 2)),
         "the new assignment is not paused"
@@ -188,26 +148,12 @@ async fn requests_name_the_generation_they_are_about() {
 #[tokio::test]
 async fn a_later_message_before_the_awaited_retry_repeats_the_seek() {
     let script = Arc::new(Script::default());
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(cfg(), &script);
     let tp = Tp::new("ev-retry-1", 0);
     h.assign(&tp, 1).await;
-    let soon = (now_ms() + 100).to_string().into_bytes();
-    h.deliver(vec![(
-        delivery(
-            "ev-retry-1",
-            5,
-            "k",
-            b"{}",
-            vec![(HEADER_DUE_AT_MS.into(), Some(soon))],
-        ),
-        1,
-    )])
-    .await;
+    h.deliver(vec![(due_in("ev-retry-1", 5, 100), 1)]).await;
     until("the wait's seek", || h.calls.lock().seeks.len() == 1).await;
-    until("the resume", || {
-        h.calls.lock().resumes.contains(&(tp.clone(), 1))
-    })
-    .await;
+    h.until_resumed("the resume", &tp, 1).await;
     // The seek was lost: offset 6 arrives first under the seek's epoch (100).
     h.deliver(vec![(delivery("ev-retry-1", 6, "k", b"{}", vec![]), 100)])
         .await;
@@ -220,10 +166,8 @@ async fn a_later_message_before_the_awaited_retry_repeats_the_seek() {
         (delivery("ev-retry-1", 6, "k", b"{}", vec![]), 101),
     ])
     .await;
-    until("both processed and committed", || {
-        h.calls.lock().commits.contains(&(tp.clone(), 1, 7))
-    })
-    .await;
+    h.until_committed("both processed and committed", &tp, 1, 7)
+        .await;
     h.stop().await;
     assert_eq!(
         *script.calls.lock(),
@@ -236,25 +180,11 @@ async fn a_later_message_before_the_awaited_retry_repeats_the_seek() {
 #[tokio::test]
 async fn an_awaited_retry_that_never_comes_is_sought_again() {
     let script = Arc::new(Script::default());
-    let h = Harness::start(cfg(), ctx(script.clone(), publisher(&Default::default())));
+    let h = Harness::scripted(cfg(), &script);
     let tp = Tp::new("ev-retry-1", 0);
     h.assign(&tp, 1).await;
-    let soon = (now_ms() + 50).to_string().into_bytes();
-    h.deliver(vec![(
-        delivery(
-            "ev-retry-1",
-            9,
-            "k",
-            b"{}",
-            vec![(HEADER_DUE_AT_MS.into(), Some(soon))],
-        ),
-        1,
-    )])
-    .await;
-    until("the resume", || {
-        h.calls.lock().resumes.contains(&(tp.clone(), 1))
-    })
-    .await;
+    h.deliver(vec![(due_in("ev-retry-1", 9, 50), 1)]).await;
+    h.until_resumed("the resume", &tp, 1).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while h.calls.lock().seeks.len() < 2 {
         assert!(
