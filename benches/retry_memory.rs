@@ -12,7 +12,8 @@
 //!    stay flat, not grow with the backlog; a second drain of a smaller backlog shows it.
 //!
 //! Run: `cargo bench --bench retry_memory` (`COURIER_BENCH_ONLY=steady,burst,memory`
-//! picks scenarios); smoke: `COURIER_BENCH_SMOKE=1 cargo bench
+//! picks scenarios, `COURIER_BENCH_EXTRA="K=V ..."` adds courier settings to the retry
+//! scenarios, `COURIER_BENCH_LOG=info` prints courier's logs); smoke: `COURIER_BENCH_SMOKE=1 cargo bench
 //! --bench retry_memory`.
 
 mod common;
@@ -149,18 +150,19 @@ async fn retry_timing(broker: &DevBroker, steady: bool) -> anyhow::Result<Row> {
     let n = common::size(10_000, 500);
     let rate = common::size(1_000, 500);
     let workers = if steady { "32" } else { "8" };
-    let config = common::config(
-        &bootstrap,
-        &topics,
-        &[
-            ("KAFKA_RETRY_BACKOFF", "1s"),
-            ("KAFKA_CONSUMER_WORKERS", workers),
-            // Every first attempt fails, so the circuit breaker would (rightly) open and
-            // hold messages instead of retrying them: this scenario times the retry
-            // scheduling, as before the breaker existed.
-            ("PROCESSOR_CIRCUIT", "off"),
-        ],
-    )?;
+    let mut settings = vec![
+        ("KAFKA_RETRY_BACKOFF", "1s"),
+        ("KAFKA_CONSUMER_WORKERS", workers),
+        // Every first attempt fails, so the circuit breaker would (rightly) open and hold
+        // messages instead of retrying them: this scenario times the retry scheduling, as
+        // before the breaker existed.
+        ("PROCESSOR_CIRCUIT", "off"),
+    ];
+    // `COURIER_BENCH_EXTRA="RDKAFKA_FETCH_WAIT_MAX_MS=50"`: settings over these, for
+    // investigating what bounds the lateness.
+    let extra = std::env::var("COURIER_BENCH_EXTRA").unwrap_or_default();
+    settings.extend(extra.split_whitespace().filter_map(|kv| kv.split_once('=')));
+    let config = common::config(&bootstrap, &topics, &settings)?;
     let tracker = Tracker::new(n);
     let processor = FailOnce::new(tracker.clone());
     if !steady {
@@ -195,11 +197,14 @@ async fn retry_timing(broker: &DevBroker, steady: bool) -> anyhow::Result<Row> {
     let p50 = ms(common::percentile(&late, 50.0));
     let p99 = ms(common::percentile(&late, 99.0));
     let max = ms(late.last().copied().unwrap_or(0));
-    let what = if steady {
+    let mut what = if steady {
         format!("steady {rate}/s stream, {workers} workers")
     } else {
         format!("burst of {n} at once, {workers} workers (default)")
     };
+    if !extra.trim().is_empty() {
+        what = format!("{what}, {}", extra.trim());
+    }
     println!("retry lateness ({what}) over {} retried messages: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; early: {early}; without a due time: {missing}", late.len());
     if early > 0 || missing > 0 {
         bail!("{early} retries ran before their due time and {missing} had no due time");
