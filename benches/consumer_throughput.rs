@@ -1,9 +1,14 @@
 //! Consumer throughput against the in-memory broker (DevBroker), release build:
 //!
 //! 1. courier's full consumer pipeline (`courier::app::consumer::start`: driver, dedupe,
-//!    worker lanes, a no-op processor, manual commits) against a bare rdkafka
-//!    `StreamConsumer` loop that stores offsets for auto-commit, over the same retained
-//!    messages of one topic, each with its own consumer group. Target: ratio >= 0.8.
+//!    worker lanes, a no-op processor, manual commits) against two bare rdkafka loops that
+//!    store each offset for auto-commit, with courier's own consumer properties (fetch
+//!    sizes, prefetch queue, `fetch.queue.backoff.ms`): a `BaseConsumer` polled on a thread
+//!    (the least the same guarantees need) and a `StreamConsumer` on the runtime. All read
+//!    the same retained messages of one topic, each with its own consumer group, in turn,
+//!    `COURIER_BENCH_REPEAT` times (3; 1 in smoke); the ratios of each turn are against the
+//!    baselines of that turn, and a summary gives min / median / max. Targets: ratio >= 0.8
+//!    against the `BaseConsumer`, CPU <= 1.2 µs per message.
 //! 2. Worker-pool scaling: a processor that awaits 5 ms per message, for 1 to 256 workers
 //!    (and 1024, to find where the broker side saturates) against the ideal
 //!    `workers / 5 ms`. Target: >= 90% of ideal until saturation.
@@ -11,7 +16,8 @@
 //! Every row also shows the process's CPU time per message and the bytes it read from
 //! its sockets (fetch responses), against the same figures of the baseline.
 //!
-//! Run: `cargo bench --bench consumer_throughput`; smoke: `COURIER_BENCH_SMOKE=1 cargo bench
+//! Run: `cargo bench --bench consumer_throughput` (`COURIER_BENCH_ONLY=compare` or
+//! `scaling` runs one of the two groups); smoke: `COURIER_BENCH_SMOKE=1 cargo bench
 //! --bench consumer_throughput`. `COURIER_BENCH_EXPERIMENT` runs one courier configuration
 //! only (see [`experiment`]).
 
@@ -29,7 +35,7 @@ use courier::service::{ProcessError, Processor};
 use courier::testing::Names;
 use courier::transport::settings::{properties, ClientRole};
 use courier::transport::DevBroker;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::ClientConfig;
 
 /// The `log` processor without the logging: returns Ok at once.
@@ -66,12 +72,10 @@ impl Processor for SleepProcessor {
     }
 }
 
-/// A bare `StreamConsumer` loop: receive, store the offset (auto-commit commits stored
-/// offsets), count. It uses courier's own consumer properties (fetch sizes, prefetch
-/// queue, fetch wait) apart from the commit mode, so only the pipeline differs.
-async fn raw_consumer(config: &courier::config::Config, expected: u64) -> anyhow::Result<Row> {
-    let load = common::load_avg();
-    let usage = Usage::start();
+/// The raw consumers' client configuration: courier's own consumer properties (fetch sizes,
+/// prefetch queue, fetch wait, fetch back-off) apart from the commit mode, so only the
+/// pipeline differs: offsets are stored one by one and auto-committed.
+fn raw_config(config: &courier::config::Config) -> ClientConfig {
     let (props, _) = properties(config, ClientRole::Consumer);
     let mut cc = ClientConfig::new();
     for (k, v) in props {
@@ -80,43 +84,112 @@ async fn raw_consumer(config: &courier::config::Config, expected: u64) -> anyhow
     cc.set("group.id", courier::testing::unique("raw"))
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false");
-    let consumer: StreamConsumer = cc.create().context("raw consumer")?;
-    consumer.subscribe(&[config.consumer.topics[0].as_str()])?;
+    cc
+}
+
+/// The two raw baselines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raw {
+    /// A `BaseConsumer` polled on its own thread: the least the guarantees need.
+    Base,
+    /// A `StreamConsumer` on the tokio runtime.
+    Stream,
+}
+
+impl Raw {
+    fn name(self) -> &'static str {
+        match self {
+            Raw::Base => "raw rdkafka BaseConsumer (baseline)",
+            Raw::Stream => "raw rdkafka StreamConsumer (baseline)",
+        }
+    }
+}
+
+/// A bare consumer loop over `expected` messages: receive, store the offset (auto-commit
+/// commits stored offsets), count.
+async fn raw_consumer(
+    config: &courier::config::Config,
+    expected: u64,
+    kind: Raw,
+) -> anyhow::Result<Measured> {
+    let load = common::load_avg();
+    let usage = Usage::start();
+    let topic = config.consumer.topics[0].clone();
     let tracker = Tracker::new(expected);
     let timeout = Duration::from_secs(60) + Duration::from_micros(expected * 50);
-    let drain = async {
-        while tracker.count() < expected {
-            let m = consumer.recv().await?;
-            tracker.start();
-            consumer.store_offset_from_message(&m)?;
-            tracker.done();
+    let sent = match kind {
+        Raw::Base => {
+            let consumer: BaseConsumer = raw_config(config).create().context("raw consumer")?;
+            consumer.subscribe(&[topic.as_str()])?;
+            let t = tracker.clone();
+            let bootstrap = config.kafka.brokers.clone();
+            tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + timeout;
+                while t.count() < expected {
+                    if Instant::now() > deadline {
+                        anyhow::bail!("raw consumer: {} of {expected} in {timeout:?}", t.count());
+                    }
+                    match consumer.poll(Duration::from_millis(100)) {
+                        Some(Ok(m)) => {
+                            t.start();
+                            consumer.store_offset_from_message(&m)?;
+                            t.done();
+                        }
+                        Some(Err(e)) => anyhow::bail!("raw consumer: {e}"),
+                        None => {}
+                    }
+                }
+                let sent = common::broker_sent_bytes(&bootstrap);
+                drop(consumer);
+                Ok(sent)
+            })
+            .await??
         }
-        anyhow::Ok(())
+        Raw::Stream => {
+            let consumer: StreamConsumer = raw_config(config).create().context("raw consumer")?;
+            consumer.subscribe(&[topic.as_str()])?;
+            let drain = async {
+                while tracker.count() < expected {
+                    let m = consumer.recv().await?;
+                    tracker.start();
+                    consumer.store_offset_from_message(&m)?;
+                    tracker.done();
+                }
+                anyhow::Ok(())
+            };
+            tokio::time::timeout(timeout, drain)
+                .await
+                .with_context(|| {
+                    format!(
+                        "raw consumer: {} of {expected} in {timeout:?}",
+                        tracker.count()
+                    )
+                })??;
+            let sent = common::broker_sent_bytes(&config.kafka.brokers);
+            // Closing leaves the group synchronously: off the runtime's worker threads.
+            tokio::task::spawn_blocking(move || drop(consumer)).await?;
+            sent
+        }
     };
-    tokio::time::timeout(timeout, drain)
-        .await
-        .with_context(|| {
-            format!(
-                "raw consumer: {} of {expected} in {timeout:?}",
-                tracker.count()
-            )
-        })??;
+    // CPU up to the last message (the close is not counted); the group join is.
     let cpu = usage.cpu_us_per_msg(expected);
-    let sent = common::broker_sent_bytes(&config.kafka.brokers);
-    // Closing leaves the group synchronously: off the runtime's worker threads.
-    tokio::task::spawn_blocking(move || drop(consumer)).await?;
-    Ok(Row {
-        scenario: "raw rdkafka StreamConsumer (baseline)".into(),
-        msgs: expected,
-        secs: tracker.elapsed().as_secs_f64(),
+    Ok(Measured {
         rate: tracker.rate(),
-        ratio: "1.00".into(),
-        note: format!(
-            "store_offset_from_message + auto-commit; CPU {cpu:.1} µs/msg; fetched {} MiB",
-            common::mib(sent)
-        ),
+        secs: tracker.elapsed().as_secs_f64(),
+        cpu,
+        fetched: sent,
         load,
     })
+}
+
+/// One measured drain.
+#[derive(Debug, Clone)]
+struct Measured {
+    rate: f64,
+    secs: f64,
+    cpu: f64,
+    fetched: Option<u64>,
+    load: String,
 }
 
 /// Runs courier's full pipeline (`courier::app::consumer::start`) with `processor` over
@@ -136,38 +209,154 @@ async fn courier_consumer(
     Ok((usage.cpu_us_per_msg(tracker.count()), sent))
 }
 
-/// The no-op pipeline rows, one per (name, settings over courier's defaults).
-async fn pipeline_rows(
+/// courier's pipeline with a no-op processor over `expected` messages, with `extra` over
+/// its defaults.
+async fn pipeline_once(
     bootstrap: &str,
     topics: &Names,
     expected: u64,
-    raw_rate: f64,
-    variants: &[(&str, &[(&str, &str)])],
-) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    for &(name, extra) in variants {
-        let load = common::load_avg();
-        let tracker = Tracker::new(expected);
-        let processor = Arc::new(NoopProcessor {
-            tracker: tracker.clone(),
-        });
-        let timeout = Duration::from_secs(60) + Duration::from_micros(expected * 50);
-        let (cpu, sent) =
-            courier_consumer(bootstrap, topics, extra, processor, &tracker, timeout).await?;
-        rows.push(Row {
-            scenario: name.into(),
-            msgs: expected,
-            secs: tracker.elapsed().as_secs_f64(),
-            rate: tracker.rate(),
-            ratio: format!("{:.2} (>= 0.80)", tracker.rate() / raw_rate),
-            note: format!(
-                "dedupe on, no-op processor, manual commits; CPU {cpu:.1} µs/msg; fetched {} MiB",
-                common::mib(sent)
-            ),
-            load,
-        });
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Measured> {
+    let load = common::load_avg();
+    let tracker = Tracker::new(expected);
+    let processor = Arc::new(NoopProcessor {
+        tracker: tracker.clone(),
+    });
+    let timeout = Duration::from_secs(60) + Duration::from_micros(expected * 50);
+    let (cpu, sent) =
+        courier_consumer(bootstrap, topics, extra, processor, &tracker, timeout).await?;
+    Ok(Measured {
+        rate: tracker.rate(),
+        secs: tracker.elapsed().as_secs_f64(),
+        cpu,
+        fetched: sent,
+        load,
+    })
+}
+
+/// The note of a pipeline row.
+fn pipeline_note(m: &Measured) -> String {
+    format!(
+        "dedupe on, no-op processor, manual commits; CPU {:.2} µs/msg (target <= 1.2); fetched {} MiB",
+        m.cpu,
+        common::mib(m.fetched)
+    )
+}
+
+/// The note of a baseline row.
+fn raw_note(m: &Measured) -> String {
+    format!(
+        "store_offset_from_message + auto-commit; CPU {:.2} µs/msg; fetched {} MiB",
+        m.cpu,
+        common::mib(m.fetched)
+    )
+}
+
+/// `min / median / max` of `values`.
+fn spread(values: &[f64], digits: usize) -> String {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return "-".into();
     }
-    Ok(rows)
+    format!(
+        "{:.digits$} / {:.digits$} / {:.digits$}",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    )
+}
+
+/// The consumer comparison: each turn drains the retained set with the `BaseConsumer`, the
+/// `StreamConsumer` and courier's pipeline (defaults), in that order; ratios are against
+/// the same turn's baselines. Prints every turn's rows, then the summary.
+async fn compare(
+    bootstrap: &str,
+    topics: &Names,
+    retained: u64,
+    produce: u64,
+) -> anyhow::Result<()> {
+    let repeat = std::env::var("COURIER_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(if common::smoke() { 1 } else { 3 })
+        .max(1);
+    let base_cfg = common::config(bootstrap, topics, &[])?;
+    let mut rows = Vec::new();
+    let (mut base, mut stream, mut pipe) = (Vec::new(), Vec::new(), Vec::new());
+    for turn in 1..=repeat {
+        let b = raw_consumer(&base_cfg, retained, Raw::Base).await?;
+        let s = raw_consumer(&base_cfg, retained, Raw::Stream).await?;
+        let c = pipeline_once(bootstrap, topics, retained, &[]).await?;
+        for (kind, m) in [(Raw::Base, &b), (Raw::Stream, &s)] {
+            rows.push(Row {
+                scenario: format!("turn {turn}: {}", kind.name()),
+                msgs: retained,
+                secs: m.secs,
+                rate: m.rate,
+                ratio: "1.00".into(),
+                note: raw_note(m),
+                load: m.load.clone(),
+            });
+        }
+        rows.push(Row {
+            scenario: format!(
+                "turn {turn}: courier pipeline, defaults (8 workers, 1000 in flight)"
+            ),
+            msgs: retained,
+            secs: c.secs,
+            rate: c.rate,
+            ratio: format!(
+                "{:.2} of BaseConsumer (>= 0.80); {:.2} of StreamConsumer",
+                c.rate / b.rate,
+                c.rate / s.rate
+            ),
+            note: pipeline_note(&c),
+            load: c.load.clone(),
+        });
+        base.push(b);
+        stream.push(s);
+        pipe.push(c);
+    }
+    common::print_table(
+        &format!(
+            "Consumer: courier pipeline vs raw rdkafka ({retained} retained messages of {produce}, {} partitions, {} B payloads)",
+            common::PARTITIONS,
+            common::PAYLOAD_BYTES
+        ),
+        &rows,
+    );
+    let rates = |v: &[Measured]| v.iter().map(|m| m.rate / 1000.0).collect::<Vec<_>>();
+    let cpus = |v: &[Measured]| v.iter().map(|m| m.cpu).collect::<Vec<_>>();
+    let ratio = |of: &[Measured]| {
+        pipe.iter()
+            .zip(of)
+            .map(|(c, r)| c.rate / r.rate)
+            .collect::<Vec<_>>()
+    };
+    println!("## Consumer summary over {repeat} turn(s): min / median / max");
+    println!();
+    println!("| figure | courier pipeline | BaseConsumer | StreamConsumer |");
+    println!("|---|---|---|---|");
+    println!(
+        "| thousand msgs/s | {} | {} | {} |",
+        spread(&rates(&pipe), 0),
+        spread(&rates(&base), 0),
+        spread(&rates(&stream), 0)
+    );
+    println!(
+        "| CPU µs/msg (target <= 1.2 for courier) | {} | {} | {} |",
+        spread(&cpus(&pipe), 2),
+        spread(&cpus(&base), 2),
+        spread(&cpus(&stream), 2)
+    );
+    println!(
+        "| courier's ratio, same turn (target >= 0.80 of BaseConsumer) | - | {} | {} |",
+        spread(&ratio(&base), 2),
+        spread(&ratio(&stream), 2)
+    );
+    println!();
+    Ok(())
 }
 
 /// One worker-pool scaling measurement: `workers` lanes, a processor awaiting `sleep`.
@@ -291,9 +480,16 @@ async fn experiment(
             scale_once(bootstrap, topics, workers, in_flight, sleep, expected).await?
         }
         None => {
-            let variants: &[(&str, &[(&str, &str)])] = &[("courier pipeline", &pairs)];
-            let mut rows = pipeline_rows(bootstrap, topics, expected, f64::NAN, variants).await?;
-            rows.remove(0)
+            let m = pipeline_once(bootstrap, topics, expected, &pairs).await?;
+            Row {
+                scenario: "courier pipeline".into(),
+                msgs: expected,
+                secs: m.secs,
+                rate: m.rate,
+                ratio: "-".into(),
+                note: pipeline_note(&m),
+                load: m.load,
+            }
         }
     };
     common::print_table(&format!("experiment: {spec}"), &[row]);
@@ -323,28 +519,16 @@ async fn run() -> anyhow::Result<()> {
         }
         return experiment(&bootstrap, &topics, retained, &spec).await;
     }
-    let base_cfg = common::config(&bootstrap, &topics, &[])?;
-    let raw = raw_consumer(&base_cfg, retained).await?;
-    let raw_rate = raw.rate;
-    let mut rows = vec![raw];
-    let variants: &[(&str, &[(&str, &str)])] = &[(
-        "courier pipeline, defaults (8 workers, 1000 in flight)",
-        &[],
-    )];
-    rows.extend(pipeline_rows(&bootstrap, &topics, retained, raw_rate, variants).await?);
-    common::print_table(
-        &format!(
-            "Consumer: courier pipeline vs raw rdkafka ({retained} retained messages of {produce}, {} partitions, {} B payloads)",
-            common::PARTITIONS,
-            common::PAYLOAD_BYTES
-        ),
-        &rows,
-    );
-    let rows = scaling(&bootstrap, &topics, retained).await?;
-    common::print_table(
-        "Worker-pool scaling (processor awaits 5 ms; ideal = workers / 5 ms)",
-        &rows,
-    );
+    if common::runs("compare") {
+        compare(&bootstrap, &topics, retained, produce).await?;
+    }
+    if common::runs("scaling") {
+        let rows = scaling(&bootstrap, &topics, retained).await?;
+        common::print_table(
+            "Worker-pool scaling (processor awaits 5 ms; ideal = workers / 5 ms)",
+            &rows,
+        );
+    }
     Ok(())
 }
 

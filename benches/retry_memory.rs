@@ -11,7 +11,9 @@
 //!    are the consumer's alone. RSS at 10%, 50% and 90% of the drain and the peak should
 //!    stay flat, not grow with the backlog; a second drain of a smaller backlog shows it.
 //!
-//! Run: `cargo bench --bench retry_memory`; smoke: `COURIER_BENCH_SMOKE=1 cargo bench
+//! Run: `cargo bench --bench retry_memory` (`COURIER_BENCH_ONLY=steady,burst,memory`
+//! picks scenarios, `COURIER_BENCH_EXTRA="K=V ..."` adds courier settings to the retry
+//! scenarios, `COURIER_BENCH_LOG=info` prints courier's logs); smoke: `COURIER_BENCH_SMOKE=1 cargo bench
 //! --bench retry_memory`.
 
 mod common;
@@ -148,14 +150,19 @@ async fn retry_timing(broker: &DevBroker, steady: bool) -> anyhow::Result<Row> {
     let n = common::size(10_000, 500);
     let rate = common::size(1_000, 500);
     let workers = if steady { "32" } else { "8" };
-    let config = common::config(
-        &bootstrap,
-        &topics,
-        &[
-            ("KAFKA_RETRY_BACKOFF", "1s"),
-            ("KAFKA_CONSUMER_WORKERS", workers),
-        ],
-    )?;
+    let mut settings = vec![
+        ("KAFKA_RETRY_BACKOFF", "1s"),
+        ("KAFKA_CONSUMER_WORKERS", workers),
+        // Every first attempt fails, so the circuit breaker would (rightly) open and hold
+        // messages instead of retrying them: this scenario times the retry scheduling, as
+        // before the breaker existed.
+        ("PROCESSOR_CIRCUIT", "off"),
+    ];
+    // `COURIER_BENCH_EXTRA="RDKAFKA_FETCH_WAIT_MAX_MS=50"`: settings over these, for
+    // investigating what bounds the lateness.
+    let extra = std::env::var("COURIER_BENCH_EXTRA").unwrap_or_default();
+    settings.extend(extra.split_whitespace().filter_map(|kv| kv.split_once('=')));
+    let config = common::config(&bootstrap, &topics, &settings)?;
     let tracker = Tracker::new(n);
     let processor = FailOnce::new(tracker.clone());
     if !steady {
@@ -190,11 +197,14 @@ async fn retry_timing(broker: &DevBroker, steady: bool) -> anyhow::Result<Row> {
     let p50 = ms(common::percentile(&late, 50.0));
     let p99 = ms(common::percentile(&late, 99.0));
     let max = ms(late.last().copied().unwrap_or(0));
-    let what = if steady {
+    let mut what = if steady {
         format!("steady {rate}/s stream, {workers} workers")
     } else {
         format!("burst of {n} at once, {workers} workers (default)")
     };
+    if !extra.trim().is_empty() {
+        what = format!("{what}, {}", extra.trim());
+    }
     println!("retry lateness ({what}) over {} retried messages: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; early: {early}; without a due time: {missing}", late.len());
     if early > 0 || missing > 0 {
         bail!("{early} retries ran before their due time and {missing} had no due time");
@@ -371,15 +381,29 @@ async fn memory(broker: &DevBroker, produce: u64) -> anyhow::Result<Row> {
 
 /// Runs both scenarios and prints the table.
 async fn run() -> anyhow::Result<()> {
+    // `COURIER_BENCH_LOG=info` (or a filter such as `courier=debug`): courier's logs on
+    // stderr, for investigating.
+    if let Ok(level) = std::env::var("COURIER_BENCH_LOG") {
+        let log = courier::config::LogConfig {
+            level,
+            format: courier::config::LogFormat::Pretty,
+        };
+        courier::observability::logging::init(&log, std::io::stderr);
+    }
     let broker = DevBroker::start()?;
-    let mut rows = vec![
-        retry_timing(&broker, true).await?,
-        retry_timing(&broker, false).await?,
-        memory(&broker, common::size(1_000_000, 5_000)).await?,
-    ];
-    if !common::smoke() {
-        // The same drain over a quarter of the backlog: the peak should not follow it.
-        rows.push(memory(&broker, 100_000).await?);
+    let mut rows = Vec::new();
+    if common::runs("steady") {
+        rows.push(retry_timing(&broker, true).await?);
+    }
+    if common::runs("burst") {
+        rows.push(retry_timing(&broker, false).await?);
+    }
+    if common::runs("memory") {
+        rows.push(memory(&broker, common::size(1_000_000, 5_000)).await?);
+        if !common::smoke() {
+            // The same drain over a quarter of the backlog: the peak should not follow it.
+            rows.push(memory(&broker, 100_000).await?);
+        }
     }
     common::print_table("Retry timing and consumer memory", &rows);
     Ok(())

@@ -37,6 +37,17 @@ pub fn smoke() -> bool {
         || std::env::args().any(|a| a == "--smoke")
 }
 
+/// Whether scenario group `name` runs: all of them unless `COURIER_BENCH_ONLY` lists names
+/// (comma-separated), for investigating one figure at a time. Smoke runs everything.
+pub fn runs(name: &str) -> bool {
+    match std::env::var("COURIER_BENCH_ONLY") {
+        Ok(only) if !smoke() && !only.trim().is_empty() => {
+            only.split(',').any(|n| n.trim() == name)
+        }
+        _ => true,
+    }
+}
+
 /// `full` in a full run, `smoke` in a smoke run.
 pub fn size(full: u64, smoke_size: u64) -> u64 {
     if smoke() {
