@@ -132,14 +132,16 @@ fn typed_properties(config: &Config, role: ClientRole) -> BTreeMap<String, Strin
 
 /// Consumer tuning defaults that `RDKAFKA_*` may override:
 /// - `fetch.wait.max.ms`: a resumed partition (a retry that became due) joins the next fetch
-///   round, so this bounds how late a retry runs (librdkafka's default is 500 ms).
+///   round, so this bounds how late a retry runs (librdkafka's default is 500 ms; at 100 ms
+///   the steady retry lateness p99 was 99–108 ms, at 50 ms 58–74 ms, BENCHMARKS.md). The
+///   cost: an idle consumer sends up to 20 empty fetches a second per broker.
 /// - `statistics.interval.ms`: how often `courier_consumer_lag` is refreshed.
 /// - `queued.max.messages.kbytes`: what librdkafka buffers ahead of the pipeline.
 /// - `fetch.queue.backoff.ms`: when that buffer is full, librdkafka waits this long before
 ///   fetching again; its default (1 s) left the pipeline idle most of the time.
 /// - `reconnect.backoff.max.ms`: back within about 2 s of a broker's return.
 pub const CONSUMER_TUNING: &[(&str, &str)] = &[
-    ("fetch.wait.max.ms", "100"),
+    ("fetch.wait.max.ms", "50"),
     ("statistics.interval.ms", "5000"),
     ("queued.max.messages.kbytes", "16384"),
     ("fetch.queue.backoff.ms", "10"),
@@ -253,7 +255,7 @@ mod tests {
         let (p, conflicts) = properties(&c, ClientRole::Consumer);
         assert_eq!(p["enable.auto.commit"], "false");
         assert_eq!(p["session.timeout.ms"], "6000");
-        assert_eq!(p["fetch.wait.max.ms"], "100", "a tuning default");
+        assert_eq!(p["fetch.wait.max.ms"], "50", "a tuning default");
         let tuned = config(&[("RDKAFKA_FETCH_WAIT_MAX_MS", "20")]);
         let (p2, c2) = properties(&tuned, ClientRole::Consumer);
         assert_eq!(
