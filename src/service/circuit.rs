@@ -12,9 +12,11 @@
 //!   once the endpoint answers another call after it; an outage answers none, and its
 //!   failures pile up until the circuit opens. So the message waits, off its lane, for
 //!   [`Breaker::settle`]: an answer recorded after it routes it as usual; the circuit
-//!   opening holds it like any other; with neither within the window, it is routed. Below
-//!   the minimum of calls the share cannot open the circuit anyway: the failure is routed
-//!   at once.
+//!   opening holds it like any other. It is routed too when the traffic stops: no call in
+//!   flight and none started for `window / min_calls` (the gap between calls of the
+//!   slowest traffic the share can judge), and in any case after one window. Below the
+//!   minimum of calls the share cannot open the circuit anyway: the failure is routed at
+//!   once.
 //! - **Open**: no call goes out. A message whose retryable failure tripped the circuit, or
 //!   came in while it was open, is *held*: its lane waits and calls again once the circuit
 //!   closes, so it is neither routed nor committed, its retry level does not advance and its
@@ -25,7 +27,7 @@
 //!
 //! Time is tokio's, so tests drive the state machine with a paused clock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,6 +151,9 @@ impl Drop for Pass {
     /// A probe that never reported (its message was revoked or shut down) gives the turn
     /// to the next held message at once.
     fn drop(&mut self) {
+        if !self.recorded {
+            self.breaker.finished.fetch_add(1, Ordering::Relaxed);
+        }
         if self.probe && !self.recorded {
             let mut inner = self.breaker.inner.lock();
             if inner.state == CircuitState::HalfOpen && inner.probe_out {
@@ -191,6 +196,10 @@ pub struct Breaker {
     wake: Notify,
     /// Wakes suspects: an answer was recorded, or the circuit opened.
     settled: Notify,
+    /// Calls let through, ever, and calls that reported (or gave up), ever: whether any
+    /// call is in flight or started lately, which a suspect watches.
+    started: AtomicU64,
+    finished: AtomicU64,
     state_tx: watch::Sender<CircuitState>,
     metrics: Metrics,
 }
@@ -225,6 +234,8 @@ impl Breaker {
             closed: AtomicBool::new(true),
             wake: Notify::new(),
             settled: Notify::new(),
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
             state_tx,
             metrics,
         })
@@ -315,6 +326,7 @@ impl Breaker {
     }
 
     fn pass(self: &Arc<Self>, probe: bool) -> Pass {
+        self.started.fetch_add(1, Ordering::Relaxed);
         Pass {
             probe,
             breaker: self.clone(),
@@ -325,6 +337,7 @@ impl Breaker {
     /// Records a call's result and says what to do with its message.
     pub fn record(&self, mut pass: Pass, result: &Result<(), ProcessError>) -> Verdict {
         pass.recorded = true;
+        self.finished.fetch_add(1, Ordering::Relaxed);
         if !self.settings.enabled {
             return Verdict::Route;
         }
@@ -406,10 +419,14 @@ impl Breaker {
 
     /// Waits until a suspect failure is settled: `Route` once the endpoint answered a call
     /// recorded after it (a per-message failure), `Hold` once the circuit opened after it
-    /// (the outage claims it: call again when the circuit lets it), `Route` when the window
-    /// passes with neither.
+    /// (the outage claims it: call again when the circuit lets it), `Route` when the traffic
+    /// stopped (no call in flight and none started for [`Breaker::quiet_gap`]: nothing is
+    /// left to tell) or when the window passes with neither.
     pub async fn settle(&self, suspect: Suspect) -> Verdict {
         let _waiting = Settling::enter(self);
+        let gap = self.quiet_gap();
+        let mut started = self.started.load(Ordering::Relaxed);
+        let mut quiet_from = Instant::now();
         loop {
             let woken = self.settled.notified();
             tokio::pin!(woken);
@@ -423,11 +440,29 @@ impl Breaker {
                     return Verdict::Route;
                 }
             }
+            let now = Instant::now();
+            let started_now = self.started.load(Ordering::Relaxed);
+            if started_now != started {
+                started = started_now;
+                quiet_from = now;
+            } else if now >= quiet_from + gap
+                && self.finished.load(Ordering::Relaxed) == started_now
+            {
+                return Verdict::Route;
+            }
+            let next = (quiet_from + gap).max(now + gap / 4).min(suspect.until);
             tokio::select! {
                 _ = woken => {}
-                _ = tokio::time::sleep_until(suspect.until) => {}
+                _ = tokio::time::sleep_until(next) => {}
             }
         }
+    }
+
+    /// How long without a new call means the traffic stopped, for a suspect: the gap
+    /// between calls of the slowest traffic whose failure share can open the circuit
+    /// (`min_calls` in a window).
+    pub fn quiet_gap(&self) -> Duration {
+        self.settings.window / self.settings.min_calls.max(1)
     }
 
     fn open(&self, inner: &mut Inner, now: Instant, reason: &str) {

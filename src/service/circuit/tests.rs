@@ -239,8 +239,11 @@ async fn a_suspect_failure_is_routed_once_the_endpoint_answers_a_later_call() {
         let b = b.clone();
         tokio::spawn(async move { (b.settle(s).await, Instant::now()) })
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(!settled.is_finished(), "no answer yet: undecided");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !settled.is_finished(),
+        "no answer yet, and within the quiet gap (2.5 s): undecided"
+    );
     let answered = Instant::now();
     // A refusal is an answer too: the endpoint is up.
     calls(&b, 1, || Err(ProcessError::fatal("HTTP 400"))).await;
@@ -280,19 +283,72 @@ async fn suspect_failures_are_held_when_the_circuit_opens_after_them() {
     assert_eq!(b.settle(s).await, Verdict::Hold);
 }
 
-/// With no other call after it within the window, a suspect failure is routed once the
-/// window has passed, never before.
+/// When the traffic stops (no call in flight, none started for `window / min_calls`), nothing
+/// is left to tell an outage from a per-message failure: the suspect is routed then, not
+/// before.
 #[tokio::test(start_paused = true)]
-async fn a_suspect_failure_without_later_calls_is_routed_after_the_window() {
+async fn a_suspect_failure_is_routed_once_the_traffic_stops() {
     let b = Breaker::new(settings(), Metrics::new());
+    assert_eq!(b.quiet_gap(), Duration::from_millis(2500));
     calls(&b, 3, || Ok(())).await;
     let failed = Instant::now();
     let [Verdict::Suspect(s)] = calls(&b, 1, down).await[..] else {
         panic!("a suspect")
     };
     assert_eq!(b.settle(s).await, Verdict::Route);
-    assert_eq!(failed.elapsed(), Duration::from_secs(10), "the window");
+    assert_eq!(
+        failed.elapsed(),
+        Duration::from_millis(2500),
+        "the quiet gap"
+    );
     assert_eq!(b.state(), CircuitState::Closed);
+}
+
+/// A call still in flight may yet fail and open the circuit (an endpoint that hangs until
+/// its timeout): the suspect waits for it, at most one window.
+#[tokio::test(start_paused = true)]
+async fn a_suspect_waits_for_calls_in_flight_at_most_one_window() {
+    let b = Breaker::new(settings(), Metrics::new());
+    calls(&b, 3, || Ok(())).await;
+    let in_flight = b.admit().await;
+    let failed = Instant::now();
+    let [Verdict::Suspect(s)] = calls(&b, 1, down).await[..] else {
+        panic!("a suspect")
+    };
+    assert_eq!(b.settle(s).await, Verdict::Route);
+    assert_eq!(failed.elapsed(), Duration::from_secs(10), "the window");
+    drop(in_flight);
+}
+
+/// New calls keep a suspect waiting even when none has answered yet: the traffic goes on,
+/// so its failures may still open the circuit.
+#[tokio::test(start_paused = true)]
+async fn new_calls_keep_a_suspect_waiting_past_the_quiet_gap() {
+    let b = Breaker::new(settings(), Metrics::new());
+    calls(&b, 3, || Ok(())).await;
+    let [Verdict::Suspect(s)] = calls(&b, 1, down).await[..] else {
+        panic!("a suspect")
+    };
+    let settled = {
+        let b = b.clone();
+        tokio::spawn(async move { b.settle(s).await })
+    };
+    // A call starts every 2 s (within the 2.5 s gap) and is still out when the next starts.
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!settled.is_finished());
+        out.push(b.admit().await);
+    }
+    // 1 failure of 4 calls so far; the last call out fails too: 2 of 5, below half.
+    let failing = out.pop().unwrap();
+    assert!(matches!(b.record(failing, &down()), Verdict::Suspect(_)));
+    // The other two fail: 3 of 6 opens the circuit, and the first suspect is held.
+    for pass in out {
+        b.record(pass, &down());
+    }
+    assert_eq!(b.state(), CircuitState::Open);
+    assert_eq!(settled.await.unwrap(), Verdict::Hold);
 }
 
 /// A suspect that gives up waiting (its partition was revoked) leaves no waiter counted, and
