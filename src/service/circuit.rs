@@ -6,7 +6,11 @@
 //!   circuit opens when their share reaches `PROCESSOR_CIRCUIT_FAILURE_RATIO` over at least
 //!   `PROCESSOR_CIRCUIT_MIN_CALLS` calls in `PROCESSOR_CIRCUIT_WINDOW`, or after that many
 //!   connection errors or timeouts in a row. Fatal results never count: an endpoint that
-//!   answers 4xx is up.
+//!   answers 4xx is up. The share counts first attempts only: a retry (a message from a
+//!   retry topic) failed before, so retries fail more often than the endpoint does, and
+//!   once other traffic stops a few bad messages retried together would open the circuit
+//!   and, as each other's probes, keep it open. A retry's connection error or timeout still
+//!   counts toward the run.
 //! - **Suspect**: a retryable failure that does not open the circuit, while the window holds
 //!   at least the minimum of calls, is not routed at once. It is a per-message failure only
 //!   once the endpoint answers another call after it; an outage answers none, and its
@@ -145,6 +149,16 @@ pub struct Pass {
     probe: bool,
     breaker: Arc<Breaker>,
     recorded: bool,
+    retry: bool,
+}
+
+impl Pass {
+    /// Marks the call as a retry of a message that failed before (it came from a retry
+    /// topic): its result does not count toward the failure share (see [`Breaker`]).
+    pub fn retry(mut self, retry: bool) -> Self {
+        self.retry = retry;
+        self
+    }
 }
 
 impl Drop for Pass {
@@ -331,6 +345,7 @@ impl Breaker {
             probe,
             breaker: self.clone(),
             recorded: false,
+            retry: false,
         }
     }
 
@@ -363,7 +378,11 @@ impl Breaker {
         }
         match inner.state {
             CircuitState::Closed => {
-                inner.window.record(now, failed);
+                // Retries are the failing subset by construction: counted, a handful of bad
+                // messages would open the circuit once other traffic stops.
+                if !pass.retry {
+                    inner.window.record(now, failed);
+                }
                 inner.consecutive_unreachable = if unreachable {
                     inner.consecutive_unreachable + 1
                 } else {

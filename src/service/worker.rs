@@ -202,7 +202,8 @@ impl WorkerContext {
                     _ = revoked.cancelled() => return Step::Done(Outcome::Abandoned),
                     _ = self.stop_holding.cancelled() => return Step::Done(Outcome::Abandoned),
                 },
-            };
+            }
+            .retry(job.level > 0);
             let claimed = match self.claim(d, id) {
                 Claimed::Duplicate => return Step::Done(Outcome::Duplicate),
                 c => c,

@@ -370,3 +370,32 @@ async fn a_suspect_that_stops_waiting_is_no_longer_counted() {
     let _ = waiting.await;
     assert_eq!(b.inner.lock().settling, 0);
 }
+
+/// Retries (messages from a retry topic) failed before: their failures do not count toward
+/// the share, so a handful of bad messages retried together, once other traffic stopped,
+/// never open the circuit. A connection error or timeout counts whatever the message.
+#[tokio::test(start_paused = true)]
+async fn retries_do_not_count_toward_the_share_but_their_connection_errors_do() {
+    let b = Breaker::new(settings(), Metrics::new());
+    calls(&b, 4, || Ok(())).await;
+    for i in 0..50 {
+        let pass = b.admit().await.retry(true);
+        let v = b.record(pass, &down());
+        assert!(matches!(v, Verdict::Suspect(_)), "retry {i}: {v:?}");
+    }
+    assert_eq!(b.state(), CircuitState::Closed, "50 failed retries");
+    // First attempts still count: 1 of 5, 2 of 6, 3 of 7, 4 of 8 opens it.
+    let first: Vec<Verdict> = calls(&b, 4, down).await;
+    assert_eq!(first[3], Verdict::Hold);
+    assert_eq!(b.state(), CircuitState::Open);
+
+    let b = Breaker::new(settings(), Metrics::new());
+    calls(&b, 20, || Ok(())).await;
+    let mut last = Verdict::Route;
+    for _ in 0..4 {
+        let pass = b.admit().await.retry(true);
+        last = b.record(pass, &unreachable());
+    }
+    assert_eq!(last, Verdict::Hold, "4 connection errors in a row, retries or not");
+    assert_eq!(b.state(), CircuitState::Open);
+}
