@@ -343,11 +343,6 @@ impl Pending {
         for slot in unique.slots.iter_mut() {
             slot.pending = ptr;
         }
-        if len > 0 {
-            // The one count the `len` tickets hold together, released by the last one
-            // dropped (see `Ticket`): no count taken or released per record.
-            std::mem::forget(Arc::clone(&pending));
-        }
         pending
     }
 
@@ -388,11 +383,10 @@ impl std::future::Future for Completion<'_> {
     }
 }
 
-/// A record's way to its slot, handed to librdkafka as the message's opaque pointer. The
-/// tickets of a [`Pending`] hold one strong count of it together (taken by
-/// [`Pending::new`]; each slot gets exactly one ticket), so every slot outlives its record.
-/// Dropping a ticket closes its slot (with the outcome [`Ticket::complete`] wrote, if any);
-/// the last one open wakes the waiting task and releases the count.
+/// A record's way to its slot, handed to librdkafka as the message's opaque pointer: it
+/// holds one strong count of the [`Pending`], so the slot outlives the record. Dropping it
+/// closes the slot (with the outcome [`Ticket::complete`] wrote, if any) and wakes the
+/// waiting task when it was the last one open.
 pub struct Ticket(NonNull<Slot>);
 
 // SAFETY: a ticket is a counted reference to a `Pending`, which is `Send + Sync`.
@@ -402,7 +396,10 @@ unsafe impl Sync for Ticket {}
 
 impl Ticket {
     fn new(pending: &Arc<Pending>, index: usize) -> Ticket {
-        Ticket(NonNull::from(&pending.slots[index]))
+        let slot = NonNull::from(&pending.slots[index]);
+        // The count this ticket holds, released by its `Drop`.
+        std::mem::forget(Arc::clone(pending));
+        Ticket(slot)
     }
 
     fn slot(&self) -> &Slot {
@@ -427,11 +424,10 @@ impl Drop for Ticket {
         let pending = self.pending();
         if pending.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             pending.waker.wake();
-            // SAFETY: `ptr` came from `Arc::as_ptr`, and the tickets' count (taken in
-            // `Pending::new`) is released here, once: by the last ticket, when every other
-            // one is gone. Nothing of the pending is touched after this.
-            unsafe { drop(Arc::from_raw(ptr)) };
         }
+        // SAFETY: `ptr` came from `Arc::as_ptr` and this ticket owns one strong count of it
+        // (taken in `Ticket::new`); nothing of the slot is touched after this.
+        unsafe { drop(Arc::from_raw(ptr)) };
     }
 }
 
@@ -460,11 +456,7 @@ mod tests {
     fn the_last_ticket_completes_the_call_and_frees_the_state() {
         let p = pending(2);
         let (a, b) = (Ticket::new(&p, 0), Ticket::new(&p, 1));
-        assert_eq!(
-            Arc::strong_count(&p),
-            2,
-            "the tickets hold one count together"
-        );
+        assert_eq!(Arc::strong_count(&p), 3);
         a.complete(Ok(Ack {
             partition: 1,
             offset: 7,
