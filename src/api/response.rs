@@ -121,7 +121,6 @@ const JSON: header::HeaderValue = header::HeaderValue::from_static("application/
 /// was acknowledged: the bytes `serde_json` writes for the same `json!` value, built in one
 /// buffer (the topic escaped once).
 fn published_json<'a>(batch: &RecordBatch, acks: impl Iterator<Item = &'a Ack>) -> Vec<u8> {
-    use std::io::Write;
     let mut quoted_topic = Vec::with_capacity(batch.topic().len() + 2);
     write_json_str(&mut quoted_topic, batch.topic());
     let mut out = Vec::with_capacity(16 + batch.len() * (80 + quoted_topic.len()));
@@ -134,21 +133,29 @@ fn published_json<'a>(batch: &RecordBatch, acks: impl Iterator<Item = &'a Ack>) 
         write_json_str(&mut out, record.message_id());
         out.extend_from_slice(b",\"topic\":");
         out.extend_from_slice(&quoted_topic);
-        // Writing into a Vec cannot fail.
-        let _ = write!(
-            out,
-            ",\"partition\":{},\"offset\":{}}}",
-            ack.partition, ack.offset
-        );
+        // Writing a number into a Vec cannot fail.
+        out.extend_from_slice(b",\"partition\":");
+        let _ = serde_json::to_writer(&mut out, &ack.partition);
+        out.extend_from_slice(b",\"offset\":");
+        let _ = serde_json::to_writer(&mut out, &ack.offset);
+        out.push(b'}');
     }
     out.extend_from_slice(b"]}");
     out
 }
 
-/// Appends `s` as a JSON string.
+/// Appends `s` as a JSON string, as `serde_json` writes it: copied as it is when it holds
+/// no character `serde_json` escapes (`"`, `\`, U+0000 to U+001F), as generated ids never do.
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    // Serializing a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Serializing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 #[cfg(test)]
@@ -158,10 +165,16 @@ mod tests {
 
     #[test]
     fn the_published_answer_is_what_serde_json_writes() {
-        let envelopes: Vec<Envelope> = ["a", "quote\"d\u{e9}\n", "c"]
-            .iter()
-            .map(|id| Envelope::from_value(json!({"type": "t", "id": id})).unwrap())
-            .collect();
+        let envelopes: Vec<Envelope> = [
+            "a",
+            "quote\"d\u{e9}\n",
+            "c",
+            "back\\slash",
+            "del\u{7f}\u{2028}\t",
+        ]
+        .iter()
+        .map(|id| Envelope::from_value(json!({"type": "t", "id": id})).unwrap())
+        .collect();
         let acks = [
             Ack {
                 partition: 0,
@@ -174,6 +187,14 @@ mod tests {
             Ack {
                 partition: 2,
                 offset: -1,
+            },
+            Ack {
+                partition: i32::MAX,
+                offset: i64::MAX,
+            },
+            Ack {
+                partition: 0,
+                offset: i64::MIN,
             },
         ];
         let topic = "t\"opic";

@@ -68,8 +68,11 @@ impl Envelope {
             return Err(EnvelopeError::NotAnObject);
         };
         let checked = check(&body)?;
+        let event_type = checked.event_type.to_owned();
+        let given_key = checked.key.map(str::to_owned);
+        let (partition, cloudevent) = (checked.partition, checked.cloudevent);
         let id = match checked.id {
-            Some(id) => id,
+            Some(id) => id.to_owned(),
             None => {
                 let id = new_id();
                 body.insert("id".into(), Value::String(id.clone()));
@@ -77,14 +80,14 @@ impl Envelope {
             }
         };
         // An empty key is a key: it is kept, not replaced by the id.
-        let key = checked.key.unwrap_or_else(|| id.clone());
+        let key = given_key.unwrap_or_else(|| id.clone());
         Ok(Envelope {
             id,
-            event_type: checked.event_type,
+            event_type,
             key,
-            partition: checked.partition,
+            partition,
             body,
-            cloudevent: checked.cloudevent,
+            cloudevent,
         })
     }
 
@@ -134,50 +137,70 @@ impl Envelope {
 /// A new event id: a UUIDv7, lower-case and hyphenated.
 fn new_id() -> String {
     let mut text = uuid::Uuid::encode_buffer();
-    uuid::Uuid::now_v7()
-        .hyphenated()
-        .encode_lower(&mut text)
-        .to_owned()
+    new_id_in(&mut text).to_owned()
+}
+
+/// A new event id as [`new_id`] gives it, written into `text` (no allocation).
+fn new_id_in(text: &mut [u8]) -> &str {
+    uuid::Uuid::now_v7().hyphenated().encode_lower(text)
 }
 
 /// Where validation reads an envelope's top-level fields: its JSON object, or the fields
 /// the one-pass parser ([`fast`]) kept. Both paths validate with the same code.
 pub(super) trait Fields {
-    /// The value of top-level field `name`, if present (a JSON `null` is present).
-    fn get(&self, name: &str) -> Option<&Value>;
+    /// Top-level field `name`, if present (a JSON `null` is present).
+    fn get(&self, name: &str) -> Option<Field<'_>>;
+}
+
+/// A top-level field's value as validation sees it: what it needs of a JSON value, borrowed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Field<'a> {
+    Null,
+    Str(&'a str),
+    Num(&'a serde_json::Number),
+    /// A boolean, an array or an object.
+    Other,
+}
+
+impl<'a> Field<'a> {
+    fn of(value: &'a Value) -> Self {
+        match value {
+            Value::Null => Field::Null,
+            Value::String(s) => Field::Str(s),
+            Value::Number(n) => Field::Num(n),
+            Value::Bool(_) | Value::Array(_) | Value::Object(_) => Field::Other,
+        }
+    }
 }
 
 impl Fields for Map<String, Value> {
-    fn get(&self, name: &str) -> Option<&Value> {
-        Map::get(self, name)
+    fn get(&self, name: &str) -> Option<Field<'_>> {
+        Map::get(self, name).map(Field::of)
     }
 }
 
 /// What validating an envelope found.
-pub(super) struct Checked {
-    event_type: String,
+pub(super) struct Checked<'a> {
+    event_type: &'a str,
     /// The given id; `None` when absent or null (one is generated). Always set for a
     /// CloudEvent.
-    id: Option<String>,
+    id: Option<&'a str>,
     /// The given key (`partitionkey` first for a CloudEvent); `None`: the id is the key.
-    key: Option<String>,
+    key: Option<&'a str>,
     partition: Option<i32>,
     cloudevent: bool,
 }
 
 /// Validates an envelope's fields: a structured-mode CloudEvent when it has `specversion`,
 /// else a plain envelope (see the module documentation).
-fn check(body: &impl Fields) -> Result<Checked, EnvelopeError> {
+fn check(body: &impl Fields) -> Result<Checked<'_>, EnvelopeError> {
     if body.get("specversion").is_some() {
         return check_cloudevent(body);
     }
     let event_type = short_string(body, "type", false)?.ok_or(EnvelopeError::MissingType)?;
     let id = short_string(body, "id", false)?;
     let key = short_string(body, "key", true)?;
-    if body
-        .get("source")
-        .is_some_and(|v| !v.is_string() && !v.is_null())
-    {
+    if matches!(body.get("source"), Some(Field::Num(_) | Field::Other)) {
         return Err(invalid("source", "must be a string"));
     }
     for field in ["time", "timestamp"] {
@@ -194,21 +217,21 @@ fn check(body: &impl Fields) -> Result<Checked, EnvelopeError> {
 }
 
 /// Validates a structured-mode CloudEvent (see the module documentation).
-fn check_cloudevent(body: &impl Fields) -> Result<Checked, EnvelopeError> {
-    if body.get("specversion") != Some(&Value::String("1.0".into())) {
+fn check_cloudevent(body: &impl Fields) -> Result<Checked<'_>, EnvelopeError> {
+    if body.get("specversion") != Some(Field::Str("1.0")) {
         return Err(invalid("specversion", "must be \"1.0\""));
     }
-    let required = |name: &'static str| -> Result<String, EnvelopeError> {
+    let required = |name: &'static str| -> Result<&str, EnvelopeError> {
         short_string(body, name, false)?.ok_or(EnvelopeError::MissingAttribute(name))
     };
     let id = required("id")?;
     let event_type = required("type")?;
-    if body.get("source").is_none_or(Value::is_null) {
+    if matches!(body.get("source"), None | Some(Field::Null)) {
         return Err(EnvelopeError::MissingAttribute("source"));
     }
     match body.get("source") {
-        Some(Value::String(s)) if !s.is_empty() => {}
-        Some(Value::String(_)) => return Err(invalid("source", "is empty")),
+        Some(Field::Str(s)) if !s.is_empty() => {}
+        Some(Field::Str(_)) => return Err(invalid("source", "is empty")),
         _ => return Err(invalid("source", "must be a string")),
     }
     check_time(body, "time")?;
@@ -228,18 +251,18 @@ fn check_cloudevent(body: &impl Fields) -> Result<Checked, EnvelopeError> {
 
 /// The string `field` of an envelope, at most [`MAX_ENVELOPE_FIELD_BYTES`] long (and not
 /// empty unless `empty_ok`); `None` when absent or null.
-fn short_string(
-    body: &impl Fields,
+fn short_string<'a>(
+    body: &'a impl Fields,
     field: &'static str,
     empty_ok: bool,
-) -> Result<Option<String>, EnvelopeError> {
+) -> Result<Option<&'a str>, EnvelopeError> {
     match body.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() && !empty_ok => Err(invalid(field, "is empty")),
-        Some(Value::String(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
+        None | Some(Field::Null) => Ok(None),
+        Some(Field::Str(s)) if s.is_empty() && !empty_ok => Err(invalid(field, "is empty")),
+        Some(Field::Str(s)) if s.len() > MAX_ENVELOPE_FIELD_BYTES => {
             Err(invalid(field, "is longer than 256 bytes"))
         }
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Field::Str(s)) => Ok(Some(s)),
         Some(_) => Err(invalid(field, "must be a string")),
     }
 }
@@ -247,8 +270,8 @@ fn short_string(
 /// `field` (`time` or `timestamp`), when present, is an RFC 3339 date-time string.
 fn check_time(body: &impl Fields, field: &'static str) -> Result<(), EnvelopeError> {
     match body.get(field) {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) => {
+        None | Some(Field::Null) => Ok(()),
+        Some(Field::Str(s)) => {
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                 .map(drop)
                 .map_err(|_| invalid(field, "must be an RFC 3339 date-time"))
@@ -261,8 +284,8 @@ fn check_time(body: &impl Fields, field: &'static str) -> Result<(), EnvelopeErr
 fn partition(body: &impl Fields) -> Result<Option<i32>, EnvelopeError> {
     let refused = || invalid("partition", "must be a non-negative integer");
     match body.get("partition") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_i64() {
+        None | Some(Field::Null) => Ok(None),
+        Some(Field::Num(n)) => match n.as_i64() {
             Some(p) if (0..=i64::from(i32::MAX)).contains(&p) => Ok(Some(p as i32)),
             _ => Err(refused()),
         },

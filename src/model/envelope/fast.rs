@@ -1,21 +1,26 @@
 //! The one-pass ingest parser: a request body (one event object or an array of them) is
 //! read once and each event written straight into a [`RecordBatch`] as compact JSON, with
-//! no `serde_json::Value` built for it. Only the top-level fields that validation reads
-//! (`type`, `id`, `key`, …) are kept as values, and validated by the same code as
-//! [`Envelope::from_value`](super::Envelope::from_value).
+//! no `serde_json::Value` built for it. The top-level fields that validation reads (`type`,
+//! `id`, `key`, …) are kept too, borrowed from the body where they have no escapes, and
+//! validated by the same code as [`Envelope::from_value`](super::Envelope::from_value).
 //!
 //! It gives exactly what the value path gives (the same bytes in each record, the same
 //! key, id, partition and headers) or nothing: a body that is malformed, not events, empty
 //! or too large a batch, holds an invalid event, repeats a top-level field or has an `id`
 //! of `null` is left to the value path, which answers it (with the precise error).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::Write;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::Number;
+#[cfg(test)]
 use serde_json::Value;
 
-use super::{check, new_id, Fields, RecordBatch, CLOUDEVENTS_CONTENT_TYPE, HEADER_CONTENT_TYPE};
+use super::{
+    check, new_id_in, Field, Fields, RecordBatch, CLOUDEVENTS_CONTENT_TYPE, HEADER_CONTENT_TYPE,
+};
 
 /// The events of `body` as records for `topic`, when every one of them is a valid envelope
 /// and `body` holds at most `max_events`; `None` sends the body to the value path (see the
@@ -100,33 +105,46 @@ impl<'de> Visitor<'de> for Event<'_, 'de> {
     }
 }
 
-/// The top-level fields validation reads, in the order of [`Kept::slot`].
-const KEPT: [&str; 9] = [
-    "type",
-    "id",
-    "key",
-    "source",
-    "time",
-    "timestamp",
-    "partition",
-    "specversion",
-    "partitionkey",
-];
-
-/// The values of the [`KEPT`] fields of one event.
+/// The values of the top-level fields validation reads (see [`Kept::slot`]) of one event.
 #[derive(Default)]
-struct Kept([Option<Value>; 9]);
+struct Kept<'de>([Option<KeptValue<'de>>; 9]);
 
-impl Kept {
+impl Kept<'_> {
+    /// Where field `name` is kept, if validation reads it.
     fn slot(name: &str) -> Option<usize> {
-        KEPT.iter().position(|k| *k == name)
+        Some(match name {
+            "type" => 0,
+            "id" => 1,
+            "key" => 2,
+            "source" => 3,
+            "time" => 4,
+            "timestamp" => 5,
+            "partition" => 6,
+            "specversion" => 7,
+            "partitionkey" => 8,
+            _ => return None,
+        })
     }
 }
 
-impl Fields for Kept {
-    fn get(&self, name: &str) -> Option<&Value> {
-        Kept::slot(name).and_then(|i| self.0[i].as_ref())
+impl Fields for Kept<'_> {
+    fn get(&self, name: &str) -> Option<Field<'_>> {
+        let value = self.0[Kept::slot(name)?].as_ref()?;
+        Some(match value {
+            KeptValue::Null => Field::Null,
+            KeptValue::Str(s) => Field::Str(s),
+            KeptValue::Num(n) => Field::Num(n),
+            KeptValue::Other => Field::Other,
+        })
     }
+}
+
+/// A kept field's value: what [`Field`] shows of the `Value` the value path parses.
+enum KeptValue<'de> {
+    Null,
+    Str(Cow<'de, str>),
+    Num(Number),
+    Other,
 }
 
 /// Most top-level fields an event may have on this path (duplicates are looked for among
@@ -153,36 +171,33 @@ fn event<'de, A: MapAccess<'de>>(
         if !names.is_empty() {
             out.push(b',');
         }
-        write_str(out, name.as_str());
+        name.write(out);
         out.push(b':');
         match Kept::slot(name.as_str()) {
-            Some(i) => {
-                let value: Value = map.next_value()?;
-                // Writing a value into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut *out, &value);
-                kept.0[i] = Some(value);
-            }
+            Some(i) => kept.0[i] = Some(map.next_value_seed(Keep(&mut *out))?),
             None => map.next_value_seed(Transcode(&mut *out))?,
         }
         names.push(name);
     }
     let checked = check(&kept).map_err(|_| fallback())?;
+    let mut generated = uuid::Uuid::encode_buffer();
     let id = match checked.id {
         Some(id) => id,
         // `"id": null` is replaced where it stands by the value path: left to it.
         None if kept.get("id").is_some() => return Err(fallback()),
         None => {
-            let id = new_id();
+            let id = new_id_in(&mut generated);
             out.extend_from_slice(b",\"id\":");
-            write_str(out, &id);
+            // Hex digits and hyphens: nothing to escape.
+            write_borrowed_str(out, id);
             id
         }
     };
     out.push(b'}');
-    let key = checked.key.as_deref().unwrap_or(&id);
+    let key = checked.key.unwrap_or(id);
     let scratch = &sink.scratch;
     sink.batch
-        .push(Some(key.as_bytes()), &id, checked.partition, |buf| {
+        .push(Some(key.as_bytes()), id, checked.partition, |buf| {
             buf.extend_from_slice(scratch)
         });
     if checked.cloudevent {
@@ -198,6 +213,17 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// Appends `s`, a string with no character JSON escapes (`"`, `\`, U+0000 to U+001F), as
+/// [`write_str`] would, without looking for them: a string the parser borrowed from the
+/// body (`serde_json` borrows a string only when it has no escape sequence, and refuses
+/// control characters in a string) or a generated id.
+fn write_borrowed_str(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
 /// An object key, borrowed from the body when it has no escapes.
 enum Key<'de> {
     Borrowed(&'de str),
@@ -209,6 +235,14 @@ impl Key<'_> {
         match self {
             Key::Borrowed(s) => s,
             Key::Owned(s) => s,
+        }
+    }
+
+    /// Appends it as a JSON string.
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Key::Borrowed(s) => write_borrowed_str(out, s),
+            Key::Owned(s) => write_str(out, s),
         }
     }
 }
@@ -240,6 +274,76 @@ impl<'de> Visitor<'de> for KeySeed {
 
     fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
         Ok(Key::Owned(v))
+    }
+}
+
+/// Writes the next JSON value as [`Transcode`] does, and keeps what validation reads of it:
+/// the same number `Value` would hold, a string borrowed from the body unless it has escapes.
+struct Keep<'a>(&'a mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for Keep<'_> {
+    type Value = KeptValue<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<KeptValue<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Keep<'_> {
+    type Value = KeptValue<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<KeptValue<'de>, E> {
+        Transcode(self.0).visit_bool::<E>(v)?;
+        Ok(KeptValue::Other)
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<KeptValue<'de>, E> {
+        Transcode(self.0).visit_i64::<E>(v)?;
+        Ok(KeptValue::Num(v.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<KeptValue<'de>, E> {
+        Transcode(self.0).visit_u64::<E>(v)?;
+        Ok(KeptValue::Num(v.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<KeptValue<'de>, E> {
+        Transcode(self.0).visit_f64::<E>(v)?;
+        // As `Value` does: a number that is not finite is `null`.
+        Ok(Number::from_f64(v).map_or(KeptValue::Null, KeptValue::Num))
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<KeptValue<'de>, E> {
+        write_borrowed_str(self.0, v);
+        Ok(KeptValue::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<KeptValue<'de>, E> {
+        write_str(self.0, v);
+        Ok(KeptValue::Str(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<KeptValue<'de>, E> {
+        self.0.extend_from_slice(b"null");
+        Ok(KeptValue::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<KeptValue<'de>, E> {
+        self.visit_unit()
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<KeptValue<'de>, A::Error> {
+        Transcode(self.0).visit_seq(seq)?;
+        Ok(KeptValue::Other)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<KeptValue<'de>, A::Error> {
+        Transcode(self.0).visit_map(map)?;
+        Ok(KeptValue::Other)
     }
 }
 
@@ -290,6 +394,11 @@ impl<'de> Visitor<'de> for Transcode<'_> {
         Ok(())
     }
 
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<(), E> {
+        write_borrowed_str(self.0, v);
+        Ok(())
+    }
+
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         write_str(self.0, v);
         Ok(())
@@ -334,7 +443,7 @@ impl<'de> Visitor<'de> for Transcode<'_> {
             if !names.is_empty() {
                 self.0.push(b',');
             }
-            write_str(self.0, name.as_str());
+            name.write(self.0);
             self.0.push(b':');
             map.next_value_seed(Transcode(&mut *self.0))?;
             names.push(name);
