@@ -278,8 +278,9 @@ async fn an_outage_of_20s_sends_nothing_to_the_dlq_and_every_message_arrives_aft
         "every message reached the endpoint"
     );
     // Retry copies beyond the ids that fail on their own. A failure before the circuit
-    // opens is a suspect, routed only if the endpoint answers a call after it: during the
-    // outage only calls already in flight when it began can (at most one per worker).
+    // opens is a suspect, routed only if the endpoint answers a call that started after it,
+    // which no call during the outage does; one per worker leaves room for failures of
+    // calls already in flight when it began.
     assert!(
         run.retry_copies_from_the_outage <= 8,
         "at most one per worker touched a retry topic: {}",

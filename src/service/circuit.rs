@@ -15,7 +15,7 @@
 //!   at least the minimum of calls, is not routed at once. It is a per-message failure only
 //!   once the endpoint answers another call after it; an outage answers none, and its
 //!   failures pile up until the circuit opens. So the message waits, off its lane, for
-//!   [`Breaker::settle`]: an answer recorded after it routes it as usual; the circuit
+//!   [`Breaker::settle`]: an answer to a call that started after it routes it as usual; the circuit
 //!   opening holds it like any other. It is routed too when the traffic stops: no call in
 //!   flight and none started for `window / min_calls` (the gap between calls of the
 //!   slowest traffic the share can judge), and in any case after one window. Below the
@@ -135,7 +135,8 @@ struct Inner {
     probe_out: bool,
     intervals: backon::ExponentialBackoff,
     last_error: String,
-    /// Calls the endpoint answered (a success or a fatal refusal), ever.
+    /// The newest start (see [`Pass`]'s `seq`) of a call the endpoint answered (a success
+    /// or a fatal refusal).
     answered: u64,
     /// Times the circuit opened, ever.
     opened: u64,
@@ -150,6 +151,8 @@ pub struct Pass {
     breaker: Arc<Breaker>,
     recorded: bool,
     retry: bool,
+    /// The call's place in the order calls started (1, 2, …).
+    seq: u64,
 }
 
 impl Pass {
@@ -194,7 +197,8 @@ pub enum Verdict {
 /// Where the breaker stood when a suspect failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Suspect {
-    answered: u64,
+    /// Calls started when it failed: an answer to a call that started later settles it.
+    started: u64,
     opened: u64,
     until: Instant,
 }
@@ -340,12 +344,13 @@ impl Breaker {
     }
 
     fn pass(self: &Arc<Self>, probe: bool) -> Pass {
-        self.started.fetch_add(1, Ordering::Relaxed);
+        let seq = self.started.fetch_add(1, Ordering::Relaxed) + 1;
         Pass {
             probe,
             breaker: self.clone(),
             recorded: false,
             retry: false,
+            seq,
         }
     }
 
@@ -371,7 +376,7 @@ impl Breaker {
             Ok(()) | Err(ProcessError::Fatal(_)) => (false, false),
         };
         if !failed {
-            inner.answered += 1;
+            inner.answered = inner.answered.max(pass.seq);
             if inner.settling > 0 {
                 self.settled.notify_waiters();
             }
@@ -406,7 +411,7 @@ impl Breaker {
                         return Verdict::Route;
                     } else {
                         return Verdict::Suspect(Suspect {
-                            answered: inner.answered,
+                            started: self.started.load(Ordering::Relaxed),
                             opened: inner.opened,
                             until: now + self.settings.window,
                         });
@@ -437,7 +442,8 @@ impl Breaker {
     }
 
     /// Waits until a suspect failure is settled: `Route` once the endpoint answered a call
-    /// recorded after it (a per-message failure), `Hold` once the circuit opened after it
+    /// that started after it failed (a per-message failure; a call already out when it
+    /// failed proves nothing, it may have been served before an outage began), `Hold` once the circuit opened after it
     /// (the outage claims it: call again when the circuit lets it), `Route` when the traffic
     /// stopped (no call in flight and none started for [`Breaker::quiet_gap`]: nothing is
     /// left to tell) or when the window passes with neither.
@@ -455,7 +461,7 @@ impl Breaker {
                 if inner.opened != suspect.opened {
                     return Verdict::Hold;
                 }
-                if inner.answered != suspect.answered || Instant::now() >= suspect.until {
+                if inner.answered > suspect.started || Instant::now() >= suspect.until {
                     return Verdict::Route;
                 }
             }

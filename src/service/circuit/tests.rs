@@ -396,6 +396,33 @@ async fn retries_do_not_count_toward_the_share_but_their_connection_errors_do() 
         let pass = b.admit().await.retry(true);
         last = b.record(pass, &unreachable());
     }
-    assert_eq!(last, Verdict::Hold, "4 connection errors in a row, retries or not");
+    assert_eq!(
+        last,
+        Verdict::Hold,
+        "4 connection errors in a row, retries or not"
+    );
     assert_eq!(b.state(), CircuitState::Open);
+}
+
+/// A call already out when the suspect failed may have been served before an outage began:
+/// its answer proves nothing. An answer to a call that started later routes the suspect.
+#[tokio::test(start_paused = true)]
+async fn only_an_answer_to_a_later_call_routes_a_suspect() {
+    let b = Breaker::new(settings(), Metrics::new());
+    calls(&b, 3, || Ok(())).await;
+    let out_before = b.admit().await;
+    let [Verdict::Suspect(s)] = calls(&b, 1, down).await[..] else {
+        panic!("a suspect")
+    };
+    let settled = {
+        let b = b.clone();
+        tokio::spawn(async move { (b.settle(s).await, Instant::now()) })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.record(out_before, &Ok(())), Verdict::Route);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!settled.is_finished(), "an answer to an earlier call");
+    let answered = Instant::now();
+    calls(&b, 1, || Ok(())).await;
+    assert_eq!(settled.await.unwrap(), (Verdict::Route, answered));
 }
