@@ -173,13 +173,7 @@ async fn raw_consumer(
     };
     // CPU up to the last message (the close is not counted); the group join is.
     let cpu = usage.cpu_us_per_msg(expected);
-    Ok(Measured {
-        rate: tracker.rate(),
-        secs: tracker.elapsed().as_secs_f64(),
-        cpu,
-        fetched: sent,
-        load,
-    })
+    Ok(Measured::of(&tracker, cpu, sent, load))
 }
 
 /// One measured drain.
@@ -190,6 +184,19 @@ struct Measured {
     cpu: f64,
     fetched: Option<u64>,
     load: String,
+}
+
+impl Measured {
+    /// The drain `tracker` followed, with its CPU per message and bytes fetched.
+    fn of(tracker: &Tracker, cpu: f64, fetched: Option<u64>, load: String) -> Self {
+        Measured {
+            rate: tracker.rate(),
+            secs: tracker.elapsed().as_secs_f64(),
+            cpu,
+            fetched,
+            load,
+        }
+    }
 }
 
 /// Runs courier's full pipeline (`courier::app::consumer::start`) with `processor` over
@@ -225,13 +232,7 @@ async fn pipeline_once(
     let timeout = Duration::from_secs(60) + Duration::from_micros(expected * 50);
     let (cpu, sent) =
         courier_consumer(bootstrap, topics, extra, processor, &tracker, timeout).await?;
-    Ok(Measured {
-        rate: tracker.rate(),
-        secs: tracker.elapsed().as_secs_f64(),
-        cpu,
-        fetched: sent,
-        load,
-    })
+    Ok(Measured::of(&tracker, cpu, sent, load))
 }
 
 /// The note of a pipeline row.
