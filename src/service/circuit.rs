@@ -382,43 +382,7 @@ impl Breaker {
             }
         }
         match inner.state {
-            CircuitState::Closed => {
-                // Retries are the failing subset by construction: counted, a handful of bad
-                // messages would open the circuit once other traffic stops.
-                if !pass.retry {
-                    inner.window.record(now, failed);
-                }
-                inner.consecutive_unreachable = if unreachable {
-                    inner.consecutive_unreachable + 1
-                } else {
-                    0
-                };
-                if !failed {
-                    return Verdict::Route;
-                }
-                let (calls, failures) = inner.window.totals();
-                let ratio = f64::from(failures) / f64::from(calls.max(1));
-                let reason =
-                    if calls >= self.settings.min_calls && ratio >= self.settings.failure_ratio {
-                        format!("{failures} of the last {calls} calls failed")
-                    } else if inner.consecutive_unreachable >= self.settings.min_calls {
-                        format!(
-                            "{} connection errors or timeouts in a row",
-                            inner.consecutive_unreachable
-                        )
-                    } else if calls < self.settings.min_calls {
-                        // Too little traffic for the share to count: nothing to wait for.
-                        return Verdict::Route;
-                    } else {
-                        return Verdict::Suspect(Suspect {
-                            started: self.started.load(Ordering::Relaxed),
-                            opened: inner.opened,
-                            until: now + self.settings.window,
-                        });
-                    };
-                self.open(&mut inner, now, &reason);
-                Verdict::Hold
-            }
+            CircuitState::Closed => self.record_closed(&mut inner, &pass, now, failed, unreachable),
             CircuitState::HalfOpen if pass.probe => {
                 inner.probe_out = false;
                 if failed {
@@ -439,6 +403,52 @@ impl Breaker {
             CircuitState::Open | CircuitState::HalfOpen if failed => Verdict::Hold,
             CircuitState::Open | CircuitState::HalfOpen => Verdict::Route,
         }
+    }
+
+    /// [`Breaker::record`] while the circuit is closed: counts the call, and opens the
+    /// circuit when the share or the run of connection errors says so.
+    fn record_closed(
+        &self,
+        inner: &mut Inner,
+        pass: &Pass,
+        now: Instant,
+        failed: bool,
+        unreachable: bool,
+    ) -> Verdict {
+        // Retries are the failing subset by construction: counted, a handful of bad
+        // messages would open the circuit once other traffic stops.
+        if !pass.retry {
+            inner.window.record(now, failed);
+        }
+        inner.consecutive_unreachable = if unreachable {
+            inner.consecutive_unreachable + 1
+        } else {
+            0
+        };
+        if !failed {
+            return Verdict::Route;
+        }
+        let (calls, failures) = inner.window.totals();
+        let ratio = f64::from(failures) / f64::from(calls.max(1));
+        let reason = if calls >= self.settings.min_calls && ratio >= self.settings.failure_ratio {
+            format!("{failures} of the last {calls} calls failed")
+        } else if inner.consecutive_unreachable >= self.settings.min_calls {
+            format!(
+                "{} connection errors or timeouts in a row",
+                inner.consecutive_unreachable
+            )
+        } else if calls < self.settings.min_calls {
+            // Too little traffic for the share to count: nothing to wait for.
+            return Verdict::Route;
+        } else {
+            return Verdict::Suspect(Suspect {
+                started: self.started.load(Ordering::Relaxed),
+                opened: inner.opened,
+                until: now + self.settings.window,
+            });
+        };
+        self.open(inner, now, &reason);
+        Verdict::Hold
     }
 
     /// Waits until a suspect failure is settled: `Route` once the endpoint answered a call
